@@ -1,0 +1,1 @@
+"""fedlora's Flower ClientApp (installed as ``fedlora_client``)."""

@@ -1,0 +1,31 @@
+"""Exact low-rank terms folded into a frozen base weight: W_eff = W + Σ_k B_k·A_k.
+
+FedEx-LoRA residuals and FLoRA stacks live here. On a dense base they are added to the weight in
+fp32 (a bf16 base would round small terms away, so the sum is formed in fp32 and cast once).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fedlora.adapters.inject import adapter_modules
+from fedlora.adapters.lora import AdapterError
+from fedlora.adapters.state import LoraFactors
+
+
+@torch.no_grad()
+def apply_base_terms(model: nn.Module, terms: dict[str, list[LoraFactors]]) -> None:
+    """Add every term's s·B·A to the base weight of the adapter layer it names."""
+    modules = adapter_modules(model)
+    unknown = sorted(set(terms) - set(modules))
+    if unknown:
+        raise AdapterError(f"base terms name layers this model does not adapt: {unknown[:3]}")
+    for name, layer_terms in terms.items():
+        if not layer_terms:
+            continue
+        w = modules[name].base.weight
+        total = w.float()
+        for t in layer_terms:
+            total = total + t.delta(torch.float32).to(w.device)
+        w.copy_(total.to(w.dtype))

@@ -1,0 +1,59 @@
+"""The ``fedlora`` command.
+
+    fedlora simulate [hydra overrides]      run a federation in Flower's simulation engine
+                                            e.g. fedlora simulate model=tiny num_rounds=2
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+USAGE = __doc__
+
+
+def conf_dir() -> Path:
+    """``simulations/conf`` of the fedlora source tree."""
+    path = Path(__file__).resolve().parents[1] / "simulations" / "conf"
+    if not path.is_dir():
+        raise SystemExit(
+            f"fedlora: Hydra configs not found at {path}; install fedlora from its source tree "
+            "(pip install -e .) so simulations/conf is available"
+        )
+    return path
+
+
+def simulate_main(argv: list[str]) -> None:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import DictConfig, OmegaConf
+
+    from fedlora.config import ConfigError, config_from_dict
+    from fedlora.simulation import simulate
+
+    @hydra.main(version_base=None, config_path=str(conf_dir()), config_name="config")
+    def run(dcfg: DictConfig) -> None:
+        try:
+            cfg = config_from_dict(OmegaConf.to_container(dcfg, resolve=True))
+        except ConfigError as err:
+            raise SystemExit(f"fedlora: config error: {err}") from None
+        simulate(cfg, HydraConfig.get().runtime.output_dir)
+
+    sys.argv = ["fedlora simulate", *argv]
+    run()
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return
+    command, rest = argv[0], argv[1:]
+    if command == "simulate":
+        simulate_main(rest)
+    else:
+        raise SystemExit(f"fedlora: unknown command {command!r}\n{USAGE}")
+
+
+if __name__ == "__main__":
+    main()

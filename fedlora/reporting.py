@@ -1,0 +1,140 @@
+"""A run directory and what goes in it: config, per-round metrics, table, summary, plot.
+
+``metrics.jsonl`` holds one JSON object per round (round 0 = before any training); the console
+gets the same rows as a fixed-width table, and ``eval_loss.png`` plots them at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+COLUMNS = [  # (key, header, format)
+    ("round", "round", "{:>5d}"),
+    ("clients", "clients", "{:>7d}"),
+    ("train_loss", "train_loss", "{:>10.4f}"),
+    ("eval_loss", "eval_loss", "{:>9.4f}"),
+    ("agg_error", "agg_error", "{:>9.2e}"),
+    ("bytes_up", "bytes_up", "{:>11}"),
+    ("bytes_down", "bytes_down", "{:>11}"),
+    ("seconds", "sec", "{:>6.1f}"),
+]
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and the packages a result depends on."""
+    out = {"python": platform.python_version()}
+    for pkg in ("fedlora", "torch", "flwr", "transformers", "peft", "datasets", "flwr-datasets"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+class RunWriter:
+    """Writes a run's outputs; every file is appended or replaced atomically."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.dir / "metrics.jsonl"
+        self.rows: list[dict[str, Any]] = []
+        self.started = time.time()
+
+    def _write_atomic(self, name: str, text: str) -> Path:
+        path = self.dir / name
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+        return path
+
+    def write_config(self, config: dict[str, Any]) -> Path:
+        return self._write_atomic("config.yaml", yaml.safe_dump(config, sort_keys=False))
+
+    def write_json(self, name: str, data: dict[str, Any]) -> Path:
+        return self._write_atomic(name, json.dumps(data, indent=2, default=str))
+
+    def log_round(self, row: dict[str, Any]) -> None:
+        """Append one round to ``metrics.jsonl`` and print it as a table row."""
+        self.rows.append(row)
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if len(self.rows) == 1:
+            print(self.table_header(), flush=True)
+        print(self.table_row(row), flush=True)
+
+    @staticmethod
+    def table_header() -> str:
+        head = " | ".join(f"{h:>{len(fmt.format(0) if 'd' in fmt else fmt.format(0.0))}}" for _, h, fmt in COLUMNS)
+        return head + "\n" + "-" * len(head)
+
+    @staticmethod
+    def table_row(row: dict[str, Any]) -> str:
+        cells = []
+        for key, header, fmt in COLUMNS:
+            width = len(fmt.format(0) if "d" in fmt else fmt.format(0.0))
+            value = row.get(key)
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                cells.append(f"{'-':>{width}}")
+            elif key.startswith("bytes"):
+                cells.append(f"{human_bytes(value):>{width}}")
+            else:
+                cells.append(fmt.format(value))
+        return " | ".join(cells)
+
+    def write_summary(self, extra: dict[str, Any]) -> Path:
+        first = next((r for r in self.rows if r.get("eval_loss") is not None), {})
+        last = self.rows[-1] if self.rows else {}
+        summary = {
+            "rounds": max((r["round"] for r in self.rows), default=0),
+            "initial_eval_loss": first.get("eval_loss"),
+            "final_eval_loss": last.get("eval_loss"),
+            "final_train_loss": last.get("train_loss"),
+            "total_bytes_up": sum(r.get("bytes_up", 0) for r in self.rows),
+            "total_bytes_down": sum(r.get("bytes_down", 0) for r in self.rows),
+            "wall_seconds": round(time.time() - self.started, 1),
+            "versions": versions(),
+            **extra,
+        }
+        return self.write_json("summary.json", summary)
+
+    def plot(self) -> Path | None:
+        """``eval_loss.png``: eval and train loss per round."""
+        rows = [r for r in self.rows if r.get("eval_loss") is not None]
+        if not rows:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([r["round"] for r in rows], [r["eval_loss"] for r in rows], "o-", label="eval loss (server)")
+        train = [r for r in self.rows if r.get("train_loss") is not None]
+        ax.plot([r["round"] for r in train], [r["train_loss"] for r in train], "s--", label="train loss (clients)")
+        ax.set_xlabel("round")
+        ax.set_ylabel("loss (response tokens)")
+        ax.set_title(f"{self.rows[0].get('strategy', '')}: loss per round")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        path = self.dir / "eval_loss.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path

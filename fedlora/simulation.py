@@ -1,0 +1,50 @@
+"""Run a federation in Flower's simulation engine on this machine."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from fedlora.config import FedloraConfig
+from fedlora.partition import partition_dataset
+from fedlora.workspace import load_splits
+
+
+def preflight(cfg: FedloraConfig) -> None:
+    """Fail on bad strategy, data or partitioning before the simulation engine starts."""
+    from fedlora_server.strategy import make_strategy
+
+    make_strategy(cfg)
+    train, _ = load_splits(cfg)
+    partition_dataset(train, cfg.dataset, cfg.num_clients)
+
+
+def client_gpu_fraction(cfg: FedloraConfig) -> float:
+    """GPU share per simulated client: as configured, or split one GPU between up to 4 clients."""
+    if cfg.client_gpus > 0 or not torch.cuda.is_available():
+        return cfg.client_gpus
+    return 1.0 / min(cfg.num_clients, 4)
+
+
+def simulate(cfg: FedloraConfig, run_dir: str | Path) -> None:
+    """Run ``cfg`` with ``cfg.num_clients`` virtual SuperNodes; outputs go to ``run_dir``."""
+    from flwr.simulation import run_simulation
+
+    from fedlora_client.app import make_client_app
+    from fedlora_server.app import make_server_app
+
+    cfg = replace(cfg, run_dir=str(run_dir))
+    preflight(cfg)
+    backend_config = {
+        "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": client_gpu_fraction(cfg)},
+        "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
+    }
+    run_simulation(
+        server_app=make_server_app(cfg),
+        client_app=make_client_app(cfg),
+        num_supernodes=cfg.num_clients,
+        backend_config=backend_config,
+    )

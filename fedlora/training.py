@@ -1,0 +1,101 @@
+"""Local training: the plain loop every client runs each round.
+
+AdamW on the trainable adapter parameters only, a learning-rate schedule that continues across
+rounds (round k starts where round k-1 ended instead of warming up again), gradient accumulation
+and clipping. The loss is the mean over supervised (response) tokens of each micro-batch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fedlora.adapters import trainable_parameters
+from fedlora.config import TrainConfig
+from fedlora.data import collate, iterate_batches
+from fedlora.loss import response_loss
+
+
+@dataclass
+class TrainResult:
+    """What a client reports about its local training."""
+
+    loss: float
+    """Mean token loss over all micro-batches of the round."""
+    steps: int
+    examples: int
+    """Examples seen (steps × grad_accum × batch_size)."""
+    tokens: int
+    """Supervised tokens seen."""
+    seconds: float
+
+
+def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """Multiplier of the base learning rate at global step ``step`` (0-based)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))  # cosine
+
+
+def move(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def train_local(
+    model: nn.Module,
+    examples: Sequence[dict[str, list[int]]],
+    cfg: TrainConfig,
+    *,
+    pad_id: int,
+    round_index: int,
+    num_rounds: int,
+    seed: int,
+) -> TrainResult:
+    """Run ``cfg.local_steps`` optimiser steps on ``examples`` (round ``round_index``, 1-based)."""
+    if not examples:
+        raise ValueError("this client has no training examples; check the partitioning")
+    device = next(model.parameters()).device
+    params = trainable_parameters(model)
+    if not params:
+        raise ValueError("the model has no trainable parameters; were adapters injected?")
+    torch.manual_seed(seed)  # dropout masks
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    batches = iterate_batches(examples, cfg.batch_size, seed)
+    offset = (round_index - 1) * cfg.local_steps
+    total = num_rounds * cfg.local_steps
+    loss_sum, tokens, seen = 0.0, 0, 0
+    start = time.perf_counter()
+    model.train()
+    for step in range(cfg.local_steps):
+        lr = cfg.lr * lr_multiplier(offset + step, total, cfg.warmup_steps, cfg.lr_schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        for _ in range(cfg.grad_accum):
+            micro = next(batches)
+            summed, n = response_loss(model, move(collate(micro, pad_id), device))
+            (summed / max(n, 1) / cfg.grad_accum).backward()
+            loss_sum += float(summed.detach())
+            tokens += n
+            seen += len(micro)
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+    model.eval()
+    return TrainResult(
+        loss=loss_sum / max(tokens, 1),
+        steps=cfg.local_steps,
+        examples=seen,
+        tokens=tokens,
+        seconds=time.perf_counter() - start,
+    )

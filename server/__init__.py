@@ -1,0 +1,1 @@
+"""fedlora's Flower ServerApp and strategy glue (installed as ``fedlora_server``)."""
