@@ -276,7 +276,8 @@ def tokenize_example(prompt: str, response: str, tokenizer: Any, max_length: int
     """
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-    example, _, _ = _assemble(_special_prefix(tokenizer), prompt_ids, response_ids, _eos_id(tokenizer), max_length)
+    prefix, eos_id = _special_prefix(tokenizer), _eos_id(tokenizer)
+    example, _, _ = _assemble(prefix, prompt_ids, response_ids, eos_id, max_length)
     return example
 
 

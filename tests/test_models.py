@@ -120,6 +120,15 @@ def test_gguf_package_without_assemble_names_the_fix():
         load_model(cfg)
 
 
+def test_unreachable_hub_id_names_the_offline_fixes(monkeypatch):
+    import huggingface_hub.constants
+
+    # Offline mode fails at once instead of retrying DNS for ~50 s, which is what this machine would do.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelError, match="No hub is reachable offline.*tiny.*gguf_package"):
+        load_model(ModelConfig(name_or_path="someorg/no-such-model", device="cpu"))
+
+
 def test_local_dir_that_is_not_a_causal_lm(tmp_path):
     from transformers import T5Config
 
