@@ -28,16 +28,19 @@ def simulate_main(argv: list[str]) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import DictConfig, OmegaConf
 
+    from fedlora.adapters import AdapterError
     from fedlora.config import ConfigError, config_from_dict
+    from fedlora.data import DataError
+    from fedlora.models import ModelError
     from fedlora.simulation import simulate
 
     @hydra.main(version_base=None, config_path=str(conf_dir()), config_name="config")
     def run(dcfg: DictConfig) -> None:
         try:
             cfg = config_from_dict(OmegaConf.to_container(dcfg, resolve=True))
-        except ConfigError as err:
-            raise SystemExit(f"fedlora: config error: {err}") from None
-        simulate(cfg, HydraConfig.get().runtime.output_dir)
+            simulate(cfg, HydraConfig.get().runtime.output_dir)
+        except (ConfigError, DataError, AdapterError, ModelError) as err:
+            raise SystemExit(f"fedlora: error: {err}") from None
 
     sys.argv = ["fedlora simulate", *argv]
     run()

@@ -20,6 +20,7 @@ mode; adapters are injected afterwards by :mod:`fedlora.adapters`.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
 import os
@@ -233,7 +234,7 @@ def save_dense_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                 seen.add(tensor.data_ptr())
                 state[key] = tensor.detach().to(torch.float32).contiguous().cpu()
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        config = model.config
+        config = copy.deepcopy(model.config)  # edited below; the caller's model stays untouched
         if hasattr(config, "quantization_config"):  # the GGUF loader marks the config; the copy is dense
             del config.quantization_config
         config.dtype = torch.float32

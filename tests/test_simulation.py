@@ -79,7 +79,7 @@ def test_final_adapter_loads_in_peft_and_improves_the_base(run_dir):
         ("strategy.name=fedmagic", "strategy='fedmagic' is unknown; choose one of"),
         ("+train.learning_rate=0.1", "unknown config key(s) train.learning_rate"),
         ("dataset.path=/nonexistent/data.jsonl", "/nonexistent/data.jsonl"),
-        ("dataset.prompt_field=problem", "column 'problem' not found"),
+        ("dataset.prompt_field=problem", "'problem' not found in test.jsonl"),
         ("num_clients=2000", "2000"),
     ],
 )
