@@ -169,13 +169,15 @@ def finish(state: GlobalState, acc: FedSBAccumulator) -> GlobalState:
         r_frame = B_f.shape[1]
         if mean.rank > r_frame:
             raise AggregationError(f"Fed-SB layer {name}: a client core has rank {mean.rank} > frame rank {r_frame}")
-        R = padding.pad_cols(padding.pad_rows(mean.A, r_frame), r_frame)  # (r_frame, r_frame) fp64
+        # store R̄ at the frame-rank scale (the state's), whatever the top client's rank was
+        s_frame = state.extras["sb_core"][name].scale
+        R = padding.pad_cols(padding.pad_rows(mean.A, r_frame), r_frame) * (mean.scale / s_frame)
         outside = R.clone()
         outside[:floor, :floor] = 0  # what a rank-floor client could not receive: fold it
-        cores[name] = LoraFactors((R - outside).to(torch.float32), torch.eye(r_frame), mean.scale)
+        cores[name] = LoraFactors((R - outside).to(torch.float32), torch.eye(r_frame), s_frame)
         adapter[name] = _lift(frame[name], cores[name])
         if torch.count_nonzero(outside):
-            term = padding.compact_term(B_f.to(torch.float64), outside @ A_f.to(torch.float64), mean.scale)
+            term = padding.compact_term(B_f.to(torch.float64), outside @ A_f.to(torch.float64), s_frame)
             folded[name] = [term]
     return GlobalState(
         adapter=adapter,

@@ -41,13 +41,15 @@ class FFAAccumulator:
     """Running sums Σ w_i·s_i·B_i (fp64, zero-padded to the largest rank seen) per layer, and the
     shared A per layer, checked bit-for-bit against every client's A.
 
-    ``shared_A`` is the run's A₀ (from the global state); without it the first client's A is
-    taken, and replaced by a longer one when a higher-rank client arrives (its prefix must match).
+    ``shared`` is the global adapter holding the run's A₀ and its scale; B̄ is returned at that
+    A's rank and scale. Without it the first client's A is taken, replaced by a longer one when a
+    higher-rank client arrives (its prefix must match), and B̄ takes the top-rank client's scale.
     """
 
-    def __init__(self, shared_A: dict[str, torch.Tensor] | None = None) -> None:
-        self._A: dict[str, torch.Tensor] = dict(shared_A or {})
-        self._fixed_A = bool(shared_A)
+    def __init__(self, shared: AdapterState | None = None) -> None:
+        self._A: dict[str, torch.Tensor] = {n: f.A for n, f in (shared or {}).items()}
+        self._shared_scale = {n: f.scale for n, f in (shared or {}).items()}
+        self._fixed_A = bool(shared)
         self._sum_B: dict[str, torch.Tensor] = {}
         self._top: dict[str, tuple[int, float]] = {}  # layer → (rank, scale) of its top-rank client
         self.rank_scales: dict[int, float] = {}
@@ -98,7 +100,7 @@ class FFAAccumulator:
             raise AggregationError("no client updates (or only zero weights) to aggregate")
         out: AdapterState = {}
         for name, s in self._sum_B.items():
-            A, s_g = self._A[name], self._top[name][1]
+            A, s_g = self._A[name], self._shared_scale.get(name, self._top[name][1])
             b_bar = padding.pad_cols(s, A.shape[0]) / (self.total_weight * s_g)
             out[name] = LoraFactors(A, b_bar.to(torch.float32), s_g)
         return out
@@ -109,7 +111,7 @@ def aggregate(
 ) -> GlobalState:
     """Average B over clients against the shared A (taken from ``state.adapter`` when it has one);
     fold the columns above the floor rank into ``base_terms`` when ranks are mixed."""
-    acc = FFAAccumulator({n: f.A for n, f in state.adapter.items()})
+    acc = FFAAccumulator(state.adapter)
     for update, p in zip(updates, normalize_weights(weights), strict=True):
         acc.add(update, p)
     return finish(state, acc)

@@ -155,7 +155,8 @@ def fresh_rows(rows: int, d_in: int, generator: torch.Generator) -> torch.Tensor
 
 
 def resolve_scale(state: GlobalState, f: LoraFactors, rank: int, scale: float | None) -> float:
-    """The scale a rank-``rank`` client uses: given, the adapter's own at its rank, or seen before."""
+    """The scale a rank-``rank`` client uses: given, the stored adapter's own when ``rank`` is its
+    rank, or one seen in an earlier round (``extras["rank_scales"]``)."""
     if scale is not None:
         return float(scale)
     if rank == rank_of(f):
