@@ -48,10 +48,15 @@ def make_client_app(cfg: FedloraConfig | None = None) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         run_cfg, node, model, tokenizer, rc, train_ds, _ = _setup(msg, context, cfg)
         examples = tokenize(train_ds, tokenizer, run_cfg)
+        rnd, steps = int(rc["round"]), run_cfg.train.local_steps
+
+        def progress(step: int, loss: float) -> None:
+            print(f"client {node.partition_id} round {rnd}: step {step}/{steps} loss {loss:.4f}", flush=True)
+
         result = train_local(
             model, examples, run_cfg.train, pad_id=tokenizer.pad_token_id,
-            round_index=int(rc["round"]), num_rounds=int(rc["num_rounds"]),
-            seed=client_seed(run_cfg, node, int(rc["round"])),
+            round_index=rnd, num_rounds=int(rc["num_rounds"]),
+            seed=client_seed(run_cfg, node, rnd), on_step=progress,
         )
         metrics = {"num-examples": len(examples), "train_loss": result.loss, "train_tokens": result.tokens,
                    "train_seconds": result.seconds, "rank": node.rank}

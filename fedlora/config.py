@@ -78,6 +78,43 @@ class AdapterConfig:
 
 
 @dataclass
+class QuantConfig:
+    """The frozen base stored quantized (see ../shared/docs/KERNELS.md)."""
+
+    format: str = "none"
+    """``none``, ``nf4`` (block 64, double-quantised absmax), ``int8`` (per output channel), or
+    ``int4`` / ``int3`` / ``int2`` (group-wise, ``group_size``)."""
+    group_size: int = 64
+    """Group size of the int4/3/2 formats (64 or 128); NF4 always uses blocks of 64."""
+    double_quant: bool = True
+    """NF4: quantise the per-block absmax values again (8-bit, blocks of 256)."""
+    targets: str = "adapted"
+    """``adapted``: quantise the layers that carry adapters; ``all_linear``: every linear layer
+    except the output head."""
+    init: str = "none"
+    """``none`` or ``loftq`` (server computes Q, A₀, B₀ once; every client shares them)."""
+    loftq_iters: int = 1
+    side_term_max_rank: int = 64
+    """Exact merges over a quantized base (FedEx residuals, FLoRA stacks) accumulate in a
+    full-precision low-rank side term; above this rank the ``side_term_policy`` applies."""
+    side_term_policy: str = "svd"
+    """``svd`` (truncate to ``side_term_max_rank``, dropped energy reported) or ``requantize``
+    (fold into the quantized weight with error compensation)."""
+
+    def __post_init__(self) -> None:
+        if self.format not in ("none", "nf4", "int8", "int4", "int3", "int2"):
+            raise ConfigError(f"quant.format={self.format!r} is unknown; use none, nf4, int8, int4, int3 or int2")
+        if self.group_size not in (32, 64, 128, 256):
+            raise ConfigError(f"quant.group_size={self.group_size} must be 32, 64, 128 or 256")
+        if self.targets not in ("adapted", "all_linear"):
+            raise ConfigError(f"quant.targets={self.targets!r} must be adapted or all_linear")
+        if self.init not in ("none", "loftq"):
+            raise ConfigError(f"quant.init={self.init!r} must be none or loftq")
+        if self.side_term_policy not in ("svd", "requantize"):
+            raise ConfigError(f"quant.side_term_policy={self.side_term_policy!r} must be svd or requantize")
+
+
+@dataclass
 class DatasetConfig:
     """Where the text comes from, how it becomes prompt/response pairs, how clients split it."""
 
@@ -185,6 +222,7 @@ class FedloraConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -123,12 +123,14 @@ class RunWriter:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
 
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot([r["round"] for r in rows], [r["eval_loss"] for r in rows], "o-", label="eval loss (server)")
         train = [r for r in self.rows if r.get("train_loss") is not None]
         ax.plot([r["round"] for r in train], [r["train_loss"] for r in train], "s--", label="train loss (clients)")
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("loss (response tokens)")
         ax.set_title(f"{self.rows[0].get('strategy', '')}: loss per round")
         ax.grid(alpha=0.3)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -60,8 +60,13 @@ def train_local(
     round_index: int,
     num_rounds: int,
     seed: int,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
-    """Run ``cfg.local_steps`` optimiser steps on ``examples`` (round ``round_index``, 1-based)."""
+    """Run ``cfg.local_steps`` optimiser steps on ``examples`` (round ``round_index``, 1-based).
+
+    ``on_step(step, loss)`` is called after every optimiser step (1-based) with that step's mean
+    token loss, e.g. to show progress.
+    """
     if not examples:
         raise ValueError("this client has no training examples; check the partitioning")
     device = next(model.parameters()).device
@@ -81,16 +86,21 @@ def train_local(
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
+        step_loss, step_tokens = 0.0, 0
         for _ in range(cfg.grad_accum):
             micro = next(batches)
             summed, n = response_loss(model, move(collate(micro, pad_id), device))
             (summed / max(n, 1) / cfg.grad_accum).backward()
-            loss_sum += float(summed.detach())
-            tokens += n
+            step_loss += float(summed.detach())
+            step_tokens += n
             seen += len(micro)
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
+        loss_sum += step_loss
+        tokens += step_tokens
+        if on_step is not None:
+            on_step(step + 1, step_loss / max(step_tokens, 1))
     model.eval()
     return TrainResult(
         loss=loss_sum / max(tokens, 1),

@@ -110,6 +110,13 @@ def collect_layers(updates: Sequence[AdapterState]) -> dict[str, list[LoraFactor
     return layers
 
 
+def layout_of(update: AdapterState) -> AdapterState:
+    """The shapes and scales of ``update`` on the meta device: a reference for layout checks that
+    keeps no client's numbers alive."""
+    return {n: LoraFactors(torch.empty(f.A.shape, device="meta"), torch.empty(f.B.shape, device="meta"), f.scale)
+            for n, f in update.items()}
+
+
 def global_scales(layers: dict[str, list[LoraFactors]]) -> dict[str, float]:
     """Per layer, s_g: the scale of the first client with the highest rank."""
     return {name: max(fs, key=rank_of).scale for name, fs in layers.items()}
@@ -178,13 +185,12 @@ def slice_factors(
     layer: str,
     seed: int = 0,
     truncate: bool = False,
-    fill_A: torch.Tensor | None = None,
 ) -> LoraFactors:
     """A rank-``rank`` adapter with the same s·B·A as ``f`` (B rescaled by f.scale/scale).
 
     Taking fewer columns than ``f`` has is refused when a dropped column of B is non-zero, unless
-    ``truncate``. Taking more pads B with zero columns and A with ``fill_A`` rows (FFA's shared A) or
-    fresh rows seeded by (seed, layer), so training can move the new directions.
+    ``truncate``. Taking more pads B with zero columns and A with fresh rows seeded by
+    (seed, layer), so training can move the new directions.
     """
     r = rank_of(f)
     if rank < r and not truncate and torch.count_nonzero(f.B[:, rank:]):
@@ -197,11 +203,7 @@ def slice_factors(
     B = f.B[:, :rank] if ratio == 1.0 else (f.B[:, :rank].double() * ratio).float()
     A = f.A[:rank].clone()
     if rank > r:
-        extra = fill_A[r:rank] if fill_A is not None else fresh_rows(
-            rank - r, f.A.shape[1], layer_generator(seed, f"{layer}#pad{r}")
-        )
-        if extra.shape[0] != rank - r:
-            raise AggregationError(f"layer {layer}: no shared A rows beyond rank {r + extra.shape[0]}")
+        extra = fresh_rows(rank - r, f.A.shape[1], layer_generator(seed, f"{layer}#pad{r}"))
         A = torch.cat([A, extra.to(A.dtype)])
         B = torch.cat([B, B.new_zeros(B.shape[0], rank - r)], dim=1)
     return LoraFactors(A, B.clone(), scale)
