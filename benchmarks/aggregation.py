@@ -255,11 +255,14 @@ def main() -> None:
     ap.add_argument("--strategies", default=",".join(STRATEGIES))
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--sketch-rank", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads per cell (1: on a CPU shared with others, 2 threads oversubscribe it)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "aggregation"))
     ap.add_argument("--cell", nargs=2, metavar=("STRATEGY", "CLIENTS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     blocks = args.blocks or (2 if args.quick else 32)
     if args.cell:  # a child process: one measurement ("idle": imports only, the table's zero)
+        torch.set_num_threads(args.threads)
         strategy, n = args.cell[0], int(args.cell[1])
         idle = {"peak_rss_mib": peak_rss_mib()}
         print(json.dumps(idle if strategy == "idle" else run_cell(strategy, n, blocks, args.rank, args.sketch_rank)))
@@ -270,7 +273,7 @@ def main() -> None:
     report = {
         "command": "python benchmarks/aggregation.py " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": machine(),
+        "machine": {**machine(), "torch_threads": args.threads},
         "load_before": [round(x, 2) for x in os.getloadavg()],
         "idle_rss_mib": child("idle", "0")["peak_rss_mib"],
         "config": {
@@ -289,7 +292,7 @@ def main() -> None:
     for strategy in strategies:
         for n in clients:
             cell = child(strategy, str(n), "--blocks", str(blocks), "--rank", str(args.rank),
-                         "--sketch-rank", str(args.sketch_rank))
+                         "--sketch-rank", str(args.sketch_rank), "--threads", str(args.threads))
             report["cells"].append(cell)
             print(f"{strategy:>9} n={n:<4} agg {cell['aggregation_s']:8.2f}s  gen {cell['generation_s']:7.2f}s  "
                   f"peak {cell['peak_rss_mib']:8.0f} MiB  result {cell['result_mib']:8.0f} MiB", flush=True)

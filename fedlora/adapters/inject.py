@@ -14,6 +14,10 @@ from torch import nn
 from fedlora.adapters.lora import AdapterError, LoRALinear, layer_generator
 from fedlora.adapters.state import AdapterState, LoraFactors
 from fedlora.config import AdapterConfig
+from fedlora.quant.linear import QuantLinear
+
+BASE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, QuantLinear)
+"""Frozen layers an adapter can wrap: dense linears and quantized ones (``fedlora.quant``)."""
 
 
 def _module_rank(name: str, cfg: AdapterConfig, rank: int) -> int:
@@ -26,14 +30,15 @@ def _module_rank(name: str, cfg: AdapterConfig, rank: int) -> int:
 def inject_adapters(
     model: nn.Module, cfg: AdapterConfig, adapter_cls: type[LoRALinear], *, rank: int | None = None
 ) -> list[str]:
-    """Wrap every ``nn.Linear`` whose full name matches a ``cfg.target_modules`` regex.
+    """Wrap every linear layer (``nn.Linear`` or ``QuantLinear``, :data:`BASE_TYPES`) whose full
+    name matches a ``cfg.target_modules`` regex.
 
     ``rank`` overrides ``cfg.rank`` (a client's own rank); ``cfg.rank_pattern`` still wins per
     module. Returns the adapted module names. All base parameters are frozen.
     """
     rank = cfg.rank if rank is None else rank
     patterns = [re.compile(p) for p in cfg.target_modules]
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, BASE_TYPES)}
     targets = {n: m for n, m in linears.items() if any(p.search(n) for p in patterns)}
     if not targets:
         examples = ", ".join(list(linears)[:6])

@@ -61,7 +61,7 @@ class LoRALinear(nn.Module):
         self.rank, self.alpha, self.rslora = rank, alpha, rslora
         self.scale = lora_scale(alpha, rank, rslora)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        device = next(base.parameters()).device
+        device = next(iter([*base.parameters(), *base.buffers()])).device  # a quantized base has only buffers
         # A ~ U(-1/√d_in, 1/√d_in) (Kaiming-uniform with a=√5, as in nn.Linear and PEFT); B = 0,
         # so the adapted layer starts exactly at the base layer.
         bound = 1.0 / math.sqrt(d_in)
@@ -87,7 +87,19 @@ class LoRALinear(nn.Module):
         h = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.t()  # (..., r)
         return self.scale * (h @ self.lora_B.t())  # (..., d_out)
 
+    def _fused_base(self) -> bool:
+        """True when the base runs base + s·B·A as one op (a quantized base's fused kernel): only
+        for the plain s·B·A update (subclasses that change ``lora_forward`` keep the generic path)
+        and without dropout (the fused op feeds the same x to both branches)."""
+        return (
+            hasattr(self.base, "fused_lora_forward")
+            and isinstance(self.dropout, nn.Identity)
+            and type(self).lora_forward is LoRALinear.lora_forward
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.merged and self._fused_base():
+            return self.base.fused_lora_forward(x, self.lora_A, self.lora_B, self.scale)
         y = self.base(x)
         if self.merged:
             return y
@@ -97,8 +109,16 @@ class LoRALinear(nn.Module):
     def merge(self) -> None:
         """Fold s·B·A into the base weight (faster inference); ``unmerge`` undoes it.
 
-        Exact in fp32; on a bf16/fp16 base the sum is rounded to the base dtype.
+        Exact in fp32; on a bf16/fp16 base the sum is rounded to the base dtype. A quantized base
+        (one with ``add_side_term``) cannot absorb s·B·A into its codes: the update goes into its
+        exact full-precision side term, or a clear error is raised if that would exceed the
+        side term's maximum rank — never a silent requantization.
         """
+        if not self.merged and hasattr(self.base, "add_side_term"):
+            if type(self).lora_forward is not LoRALinear.lora_forward:
+                raise AdapterError(f"{type(self).__name__} cannot merge into a quantized base; keep it unmerged")
+            self._merge_token = self.base.add_side_term(self.scale * self.lora_B.detach(), self.lora_A.detach(), exact=True)
+            self.merged = True
         if not self.merged:
             w = self.base.weight
             w.copy_((w.float() + self.delta_weight()).to(w.dtype))
@@ -106,6 +126,9 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
+        if self.merged and hasattr(self.base, "remove_side_term"):
+            self.base.remove_side_term(self._merge_token)
+            self.merged = False
         if self.merged:
             w = self.base.weight
             w.copy_((w.float() - self.delta_weight()).to(w.dtype))

@@ -14,7 +14,7 @@ R is built from the fp32-rounded Ā, B̄ the clients will actually receive, so t
 for the stored numbers, not only in exact arithmetic. R is kept factored — one
 :class:`LoraFactors` with p_i·s_i folded into the A blocks and scale 1 — and becomes a dense
 :class:`~fedlora.aggregation.padding.DenseTerm` only when rank·(d_out + d_in) > d_out·d_in
-(:func:`~fedlora.aggregation.padding.compact_term`). Every product is ``B @ A`` in nn.Linear layout
+(:func:`~fedlora.aggregation.padding.stacked_term`). Every product is ``B @ A`` in nn.Linear layout
 (d_out, d_in), which is what the paper's GPT-2 Conv1D code gets wrong for square layers.
 
 Quantized base: W cannot absorb R without re-quantising, so R is never added to W here; it stays a
@@ -67,13 +67,9 @@ def aggregate_layer(
     b_bar[:, floor:] = 0  # folded into R below: s_g·B̄_kept·Ā + R = ΔW* all the same
     a32, b32 = a_bar.to(torch.float32), b_bar.to(torch.float32)
 
-    live = [(f, p_i) for f, p_i in zip(factors, p) if p_i > 0]
-    B_stack = torch.cat([f.B.to(torch.float64) for f, _ in live] + [b32.to(torch.float64)], dim=1)
-    # (d_out, Σr_i + r_max)
-    A_stack = torch.cat(
-        [(p_i * f.scale) * f.A.to(torch.float64) for f, p_i in live] + [-scale * a32.to(torch.float64)]
-    )  # (Σr_i + r_max, d_in)
-    return LoraFactors(a32, b32, scale), padding.compact_term(B_stack, A_stack)
+    # R = [B_1 … B_n, B̄]·[p_1 s_1 A_1; …; p_n s_n A_n; −s_g Ā]  (rank Σr_i + r_max)
+    parts = [(f.B, f.A, p_i * f.scale) for f, p_i in zip(factors, p) if p_i > 0] + [(b32, a32, -scale)]
+    return LoraFactors(a32, b32, scale), padding.stacked_term(parts)
 
 
 def aggregate(

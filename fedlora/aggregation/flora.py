@@ -9,7 +9,7 @@ Clients may train different ranks r_i. The server stacks the factors instead of 
     B_stack·A_stack = Σ p_i·s_i·B_i·A_i = ΔW*       (exact, scale 1)
 
 The stack is merged into the base (appended to ``base_terms`` — factored, or dense when that is
-smaller, see :func:`~fedlora.aggregation.padding.compact_term`) and every client starts the next
+smaller, see :func:`~fedlora.aggregation.padding.stacked_term`) and every client starts the next
 round from a fresh LoRA at its own rank: B = 0 and A drawn again from (seed, round, layer), so the
 global adapter contributes nothing until trained. p_i·s_i live in the A blocks and the merge uses
 scale 1: no alpha trick, and no zero-padding baseline with another scale.
@@ -40,10 +40,7 @@ MIXED_RANKS = True
 
 def stack_layer(factors: Sequence[LoraFactors], p: Sequence[float]) -> padding.BaseTerm:
     """One layer's exact merged update [B_1 … B_n]·[p_1 s_1 A_1; …] (clients with p_i = 0 skipped)."""
-    live = [(f, p_i) for f, p_i in zip(factors, p, strict=True) if p_i > 0]
-    B_stack = torch.cat([f.B.to(torch.float64) for f, _ in live], dim=1)  # (d_out, Σr_i)
-    A_stack = torch.cat([(p_i * f.scale) * f.A.to(torch.float64) for f, p_i in live])  # (Σr_i, d_in)
-    return padding.compact_term(B_stack, A_stack)
+    return padding.stacked_term([(f.B, f.A, p_i * f.scale) for f, p_i in zip(factors, p, strict=True) if p_i > 0])
 
 
 def fresh_factors(name: str, d_out: int, d_in: int, rank: int, scale: float, *, seed: int, round: int) -> LoraFactors:

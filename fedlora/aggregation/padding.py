@@ -16,9 +16,10 @@ update: the first r_i columns plus zeros. :func:`slice_for_rank` refuses to drop
 unless asked to truncate (HetLoRA's lossy baseline).
 
 Side terms (FedEx residuals, FLoRA stacks, folded columns) are exact updates added to the frozen
-base. :func:`compact_term` keeps one factored (:class:`LoraFactors`) when rank·(d_out + d_in) ≤
-d_out·d_in and otherwise stores it dense as a :class:`DenseTerm` (d_out·d_in numbers, never an
-identity factor); the dense product is only formed on that path.
+base. :func:`stacked_term` keeps one factored (:class:`LoraFactors`, scale 1, the coefficients
+folded into the A blocks) when rank·(d_out + d_in) ≤ d_out·d_in and otherwise stores it dense as a
+:class:`DenseTerm` (d_out·d_in numbers, never an identity factor); the dense product is only formed
+on that path.
 """
 
 from __future__ import annotations
@@ -71,13 +72,28 @@ def term_nbytes(term: BaseTerm) -> int:
     return term.A.element_size() * term.A.numel() + term.B.element_size() * term.B.numel()
 
 
-def compact_term(B: torch.Tensor, A: torch.Tensor, scale: float = 1.0) -> BaseTerm:
-    """The exact term scale·B·A in its smaller fp32 form: factored, or dense when
-    rank·(d_out + d_in) > d_out·d_in. Give B, A in float64 to keep the dense product exact."""
-    (d_out, rank), d_in = B.shape, A.shape[1]
+def stacked_term(parts: Sequence[tuple[torch.Tensor, torch.Tensor, float]]) -> BaseTerm:
+    """The exact term Σ_k c_k·B_k·A_k in its smaller fp32 form, with c_k folded into the A blocks:
+
+    factored [B_1 … B_K]·[c_1·A_1; …; c_K·A_K] (scale 1) when Σ r_k·(d_out + d_in) ≤ d_out·d_in,
+    else dense. Each block is scaled in float64 and rounded once; the dense sum is formed in float64
+    block by block, without a stacked copy.
+    """
+    (d_out, _), d_in = parts[0][0].shape, parts[0][1].shape[1]
+    rank = sum(B.shape[1] for B, _, _ in parts)
     if rank * (d_out + d_in) <= d_out * d_in:
-        return LoraFactors(A.to(torch.float32), B.to(torch.float32), scale)
-    return DenseTerm((scale * (B.to(torch.float64) @ A.to(torch.float64))).to(torch.float32), 1.0)
+        B = torch.cat([B.to(torch.float32) for B, _, _ in parts], dim=1)  # (d_out, Σr_k)
+        A = torch.cat([(c * A.to(torch.float64)).to(torch.float32) for _, A, c in parts])  # (Σr_k, d_in)
+        return LoraFactors(A, B, 1.0)
+    dense = torch.zeros(d_out, d_in, dtype=torch.float64)
+    for B, A, c in parts:
+        dense.addmm_(B.to(torch.float64), A.to(torch.float64), alpha=c)
+    return DenseTerm(dense.to(torch.float32), 1.0)
+
+
+def compact_term(B: torch.Tensor, A: torch.Tensor, scale: float = 1.0) -> BaseTerm:
+    """The exact term scale·B·A in its smaller fp32 form (see :func:`stacked_term`)."""
+    return stacked_term([(B, A, scale)])
 
 
 def rank_of(f: LoraFactors) -> int:
