@@ -115,6 +115,51 @@ class QuantConfig:
 
 
 @dataclass
+class DPConfig:
+    """Differential privacy (see ../shared/docs/PRIVACY.md)."""
+
+    mode: str = "none"
+    """``none``; ``example`` (DP-SGD with Opacus on every client: each client's examples are the
+    privacy unit); ``client`` (the server clips each client's update and noises the aggregate:
+    a client's whole dataset is the unit)."""
+    noise_multiplier: float | None = None
+    """σ (example) or z (client). Give this or ``target_epsilon``, not both."""
+    target_epsilon: float | None = None
+    """Calibrate σ so the planned rounds × local steps end at this ε (at ``delta``)."""
+    delta: float | None = None
+    """Default: min(1e-5, 1/(10·N_k)) per client (example), 1/(10·clients) (client)."""
+    max_grad_norm: float = 1.0
+    """Clipping bound C: per example (example) or per client update (client)."""
+    max_epsilon: float | None = None
+    """Per-client budget: a client whose next round would exceed it declines to train."""
+    physical_batch_size: int | None = None
+    """Micro-batch size in memory; the logical batch is ``train.batch_size`` (expected, Poisson)."""
+    ghost_clipping: bool = False
+    accountant: str = "rdp"
+    """Headline accountant: ``rdp`` (conservative); PRV is reported beside it when it computes."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("none", "example", "client"):
+            raise ConfigError(f"dp.mode={self.mode!r} is unknown; use none, example or client")
+        if self.noise_multiplier is not None and self.target_epsilon is not None:
+            raise ConfigError("give dp.noise_multiplier or dp.target_epsilon, not both")
+        if self.mode != "none" and self.noise_multiplier is None and self.target_epsilon is None:
+            raise ConfigError(f"dp.mode={self.mode} needs dp.noise_multiplier or dp.target_epsilon")
+        if self.noise_multiplier is not None and self.noise_multiplier < 0:
+            raise ConfigError(f"dp.noise_multiplier={self.noise_multiplier} must be ≥ 0")
+        if self.target_epsilon is not None and self.target_epsilon <= 0:
+            raise ConfigError(f"dp.target_epsilon={self.target_epsilon} must be > 0")
+        if self.delta is not None and not 0 < self.delta < 1:
+            raise ConfigError(f"dp.delta={self.delta} must lie in (0, 1)")
+        if self.max_grad_norm <= 0:
+            raise ConfigError(f"dp.max_grad_norm={self.max_grad_norm} must be > 0")
+        if self.max_epsilon is not None and self.max_epsilon <= 0:
+            raise ConfigError(f"dp.max_epsilon={self.max_epsilon} must be > 0")
+        if self.accountant not in ("rdp", "prv"):
+            raise ConfigError(f"dp.accountant={self.accountant!r} must be rdp or prv")
+
+
+@dataclass
 class DatasetConfig:
     """Where the text comes from, how it becomes prompt/response pairs, how clients split it."""
 
@@ -223,6 +268,7 @@ class FedloraConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
