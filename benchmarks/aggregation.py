@@ -105,38 +105,39 @@ def run_cell(strategy: str, n: int, blocks: int, rank: int, sketch_rank: int) ->
         return out
 
     if strategy in STREAMING:
-        if strategy == "ffa":
+        module = {"fedavg": fedavg, "ffa": ffa, "fedsb": fedsb, "hetlora": hetlora, "lorafair": lorafair}[strategy]
+        if strategy == "ffa":  # clients send B; A is the run's shared A (the state's)
             shared = {name: client_factors(-1, i, d_out, d_in, rank).A for i, (name, d_out, d_in) in enumerate(spec)}
-            state = GlobalState({name: LoraFactors(shared[name], torch.zeros(d_out, rank), scale) for name, d_out, _ in spec})
-            acc = ffa.FFAAccumulator(state.adapter)
+            state = GlobalState({name: LoraFactors(shared[name], torch.zeros(d_out, rank), scale)
+                                 for name, d_out, _ in spec})
 
             def update(i):
                 return {name: LoraFactors(shared[name], client_factors(i, j, d_out, d_in, rank).B, scale)
                         for j, (name, d_out, d_in) in enumerate(spec)}
 
-            finish = lambda: ffa.finish(state, acc)  # noqa: E731
-        elif strategy == "fedsb":
-            frame = {name: (f.B, f.A) for name, f in
-                     ((name, client_factors(-1, j, d_out, d_in, rank)) for j, (name, d_out, d_in) in enumerate(spec))}
+        elif strategy == "fedsb":  # clients send r×r cores; the frame lives on the server
+            frame = {}
+            for j, (name, d_out, d_in) in enumerate(spec):
+                f = client_factors(-1, j, d_out, d_in, rank)
+                frame[name] = (f.B, f.A)
             state = fedsb.initial_state(frame, scale)
-            acc = fedsb.FedSBAccumulator()
 
             def update(i):
                 return {name: LoraFactors(torch.randn(rank, rank, generator=_gen(i, j)), torch.eye(rank), scale)
                         for j, (name, _, _) in enumerate(spec)}
 
-            finish = lambda: fedsb.finish(state, acc)  # noqa: E731
         else:
-            acc = {
-                "fedavg": fedavg.FedAvgAccumulator,
-                "hetlora": hetlora.HetLoRAAccumulator,
-                "lorafair": lambda: lorafair.LoraFairAccumulator(sketch_rank=sketch_rank),
-            }[strategy]()
+            state = GlobalState({}, extras={"lorafair_sketch_rank": sketch_rank})
 
             def update(i):
                 return {name: client_factors(i, j, d_out, d_in, rank) for j, (name, d_out, d_in) in enumerate(spec)}
 
+        if strategy == "fedavg":  # fedavg.py predates accumulator()/finish()
+            acc = fedavg.FedAvgAccumulator()
             finish = acc.result
+        else:
+            acc = module.accumulator(state)
+            finish = lambda: module.finish(state, acc)  # noqa: E731
         for i in range(n):
             u = make(update, i)
             clock(acc.add, u, p[i])
@@ -240,7 +241,8 @@ def render(report: dict) -> str:
         )
     lines += ["", "Peak memory, 100 clients ÷ 10 clients (over idle):", ""]
     for s in report["config"]["strategies"]:
-        cells = {r["clients"]: r["peak_rss_mib"] - report["idle_rss_mib"] for r in report["cells"] if r["strategy"] == s}
+        cells = {r["clients"]: r["peak_rss_mib"] - report["idle_rss_mib"]
+                 for r in report["cells"] if r["strategy"] == s}
         if len(cells) == 2:
             lo, hi = cells[min(cells)], cells[max(cells)]
             lines.append(f"- {s}: {hi / lo:.2f}×")

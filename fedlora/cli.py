@@ -2,6 +2,9 @@
 
     fedlora simulate [hydra overrides]      run a federation in Flower's simulation engine
                                             e.g. fedlora simulate model=tiny num_rounds=2
+    fedlora serve RUN_DIR [NAME=RUN_DIR …] [--host 127.0.0.1] [--port 50061]
+                  [--tls-cert C --tls-key K [--tls-client-ca CA]]
+                                            serve adapters, metrics and privacy reports over gRPC
 """
 
 from __future__ import annotations
@@ -54,6 +57,10 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = argv[0], argv[1:]
     if command == "simulate":
         simulate_main(rest)
+    elif command == "serve":
+        from fedlora.adapter_service import serve_main
+
+        serve_main(rest)
     else:
         raise SystemExit(f"fedlora: unknown command {command!r}\n{USAGE}")
 

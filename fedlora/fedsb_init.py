@@ -110,7 +110,9 @@ def federated_init(
     return server_factors(projections, weights, basis, rank, lr=lr, scale=scale)
 
 
-def init_bytes(d_out: int, d_in: int, rank: int, oversample: int = DEFAULT_OVERSAMPLE, itemsize: int = 4) -> dict[str, int]:
+def init_bytes(
+    d_out: int, d_in: int, rank: int, oversample: int = DEFAULT_OVERSAMPLE, itemsize: int = 4
+) -> dict[str, int]:
     """Bytes per client of the two passes for one layer, next to a dense gradient upload.
 
     ``seed_down`` is Ω's 8-byte seed; ``dense_up`` what sending G_i would cost.

@@ -1,10 +1,16 @@
 """Triton kernels for the quantized LoRA linear (imported lazily by ``quant_lora``).
 
 Importing this module imports Triton; ``fedlora_kernels.quant_lora`` does so only when a kernel
-is about to run on CUDA, or when a test has set ``TRITON_INTERPRET=1`` first (KERNELS.md: the
-interpreter must be chosen before Triton is imported). No ``@triton.autotune``: it touches the GPU
+is about to run on CUDA, or when a test has set ``TRITON_INTERPRET=1`` first (Triton chooses
+compiled or interpreted when a kernel is decorated, i.e. when this module is imported). No ``@triton.autotune``: it touches the GPU
 driver when the decorator runs, and the interpreter would time every config; block sizes come
 from :func:`block_config` instead.
+
+Only Triton *builtins* are used (``tl.full``, not ``tl.zeros``; no ``tl.sum``/``tl.cdiv``): the
+helpers of ``triton.language.standard`` are ``@jit`` functions created when ``triton.language`` is
+imported, and under the interpreter they fail ("Cannot call @triton.jit'd outside of the scope of a
+kernel") if ``triton.language`` was imported before ``TRITON_INTERPRET=1`` was set — which torch
+and transformers do in a test process.
 
 Kernels:
 
@@ -85,7 +91,7 @@ def _fwd_kernel(
     pid_n = tl.program_id(1)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc = tl.full((BM, BN), 0.0, tl.float32)
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
         x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
@@ -113,7 +119,7 @@ def _dx_kernel(
     pid_k = tl.program_id(1)
     rm = pid_m * BM + tl.arange(0, BM)
     rk = pid_k * BK + tl.arange(0, BK)
-    acc = tl.zeros((BM, BK), dtype=tl.float32)
+    acc = tl.full((BM, BK), 0.0, tl.float32)
     for n0 in range(0, N, BN):
         rn = n0 + tl.arange(0, BN)
         dy = tl.load(dy_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0)

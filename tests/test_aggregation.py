@@ -61,7 +61,8 @@ def _ffa_round(ranks, weights, seed=0):
     shared = {n: torch.randn(r_max, di, generator=g) for n, (_, di) in SHAPES.items()}
     before = GlobalState({n: LoraFactors(shared[n], torch.zeros(do, r_max), scale(r_max)) for n, (do, _) in SHAPES.items()})
     updates = [
-        {n: LoraFactors(shared[n][:r].clone(), torch.randn(do, r, generator=g), scale(r)) for n, (do, _) in SHAPES.items()}
+        {n: LoraFactors(shared[n][:r].clone(), torch.randn(do, r, generator=g), scale(r))  # A stays the shared A
+         for n, (do, _) in SHAPES.items()}
         for r in ranks
     ]
     deltas = [{n: f.scale * f.B.double() @ f.A.double() for n, f in u.items()} for u in updates]
@@ -70,10 +71,8 @@ def _ffa_round(ranks, weights, seed=0):
 
 def _frame(r_max, seed):
     g = torch.Generator().manual_seed(seed)
-    return {
-        n: (torch.linalg.qr(torch.randn(do, r_max, generator=g)).Q, torch.linalg.qr(torch.randn(di, r_max, generator=g)).Q.t())
-        for n, (do, di) in SHAPES.items()
-    }
+    orthonormal = lambda rows: torch.linalg.qr(torch.randn(rows, r_max, generator=g)).Q  # noqa: E731
+    return {n: (orthonormal(do), orthonormal(di).t()) for n, (do, di) in SHAPES.items()}
 
 
 def _cores(ranks, seed):
@@ -410,7 +409,8 @@ def test_lorafair_ridge_improves_cosine_and_shrinks_with_lambda():
     stats = _fair_stats(updates, WEIGHTS["unequal"])
     # Assert
     for A_bar, B_bar, G, C, t, _ in stats.values():
-        norms = [float(torch.linalg.matrix_norm(lorafair.ridge_correction(B_bar, G, C, lam))) for lam in (0.01, 0.1, 1.0, 10.0)]
+        corrections = [lorafair.ridge_correction(B_bar, G, C, lam) for lam in (0.01, 0.1, 1.0, 10.0)]
+        norms = [float(torch.linalg.matrix_norm(dB)) for dB in corrections]
         assert all(a > b for a, b in zip(norms, norms[1:])), norms
         dB = lorafair.ridge_correction(B_bar, G, C, 0.01)
         assert lorafair.cosine(B_bar + dB, G, C, t) >= lorafair.cosine(B_bar, G, C, t)
@@ -500,17 +500,23 @@ def _held_tensors(obj, seen=None) -> tuple[int, int]:
     return count, total
 
 
+def _streams(module, kind, **options):
+    """(make accumulator, finish → adapter, batch aggregate, update kind) for a streaming module."""
+    return (
+        lambda s: module.accumulator(s, **options),
+        lambda s, acc: module.finish(s, acc).adapter,
+        lambda s, u, w: module.aggregate(s, u, w, **options),
+        kind,
+    )
+
+
 STREAMING = {
-    "ffa": (lambda s: ffa.FFAAccumulator(s.adapter), lambda s, acc: ffa.finish(s, acc).adapter, ffa.aggregate, "ffa"),
-    "fedsb": (lambda s: fedsb.FedSBAccumulator(), lambda s, acc: fedsb.finish(s, acc).adapter, fedsb.aggregate, "fedsb"),
-    "hetlora": (lambda s: hetlora.HetLoRAAccumulator(), lambda s, acc: acc.result(), hetlora.aggregate, "lora"),
-    "lorafair": (lambda s: lorafair.LoraFairAccumulator(), lambda s, acc: acc.result(), lorafair.aggregate, "lora"),
-    "lorafair-sketch": (
-        lambda s: lorafair.LoraFairAccumulator(sketch_rank=6),
-        lambda s, acc: acc.result(),
-        lambda s, u, w: lorafair.aggregate(s, u, w, sketch_rank=6),
-        "lora",
-    ),
+    "fedavg": (lambda s: fedavg.FedAvgAccumulator(), lambda s, acc: acc.result(), fedavg.aggregate, "lora"),
+    "ffa": _streams(ffa, "ffa"),
+    "fedsb": _streams(fedsb, "fedsb"),
+    "hetlora": _streams(hetlora, "lora"),
+    "lorafair": _streams(lorafair, "lora"),
+    "lorafair-sketch": _streams(lorafair, "lora", sketch_rank=6),
 }
 
 

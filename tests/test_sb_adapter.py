@@ -30,7 +30,8 @@ from fedlora.config import AdapterConfig
 
 def _layer(d_out: int, d_in: int, rank: int = 3, seed: int = 0) -> SBLinear:
     torch.manual_seed(seed)
-    m = SBLinear(nn.Linear(d_in, d_out).requires_grad_(False), rank, alpha=6.0, generator=torch.Generator().manual_seed(seed))
+    base = nn.Linear(d_in, d_out).requires_grad_(False)
+    m = SBLinear(base, rank, alpha=6.0, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         m.lora_A.copy_(torch.randn(rank, rank))
     return m

@@ -4,8 +4,8 @@ for Extreme Efficient Low-Rank Fine-Tuning", arXiv:2411.19557); the adapter of F
 
 ::
 
-    x ─┬─► base: x·Wᵀ (frozen) ─────────────────────────────────────────────┐
-       └─► dropout ─► A (r × d_in, fixed) ─► R (r × r, trained) ─► B (d_out × r, fixed) ─► × s ─┴─► y
+    x ─┬─► base: x·Wᵀ (frozen) ───────────────────────────────────────┐
+       └─► dropout ─► A (r×d_in, fixed) ─► R (r×r) ─► B (d_out×r, fixed) ─► × s ─┴─► y
 
     ΔW = s·B·R·A
 

@@ -151,14 +151,21 @@ def aggregate(
     state: GlobalState, updates: Sequence[AdapterState], weights: Sequence[float]
 ) -> GlobalState:
     """Average this round's cores; fold R̄ outside the floor rank's block into ``base_terms``."""
-    acc = FedSBAccumulator()
+    acc = accumulator(state)
     for update, p in zip(updates, normalize_weights(weights), strict=True):
         acc.add(update, p)
     return finish(state, acc)
 
 
+def accumulator(state: GlobalState) -> FedSBAccumulator:
+    """An empty accumulator for the round that starts from ``state`` (streaming glue: ``add`` each
+    reply as it arrives, then :func:`finish`)."""
+    _frame(state)
+    return FedSBAccumulator()
+
+
 def finish(state: GlobalState, acc: FedSBAccumulator) -> GlobalState:
-    """The next global state from a filled accumulator (streaming glue calls this)."""
+    """The next global state from a filled accumulator."""
     frame = _frame(state)
     floor = padding.floor_rank(state.extras, list(acc.rank_scales))
     adapter: AdapterState = {}

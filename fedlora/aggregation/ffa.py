@@ -111,15 +111,20 @@ def aggregate(
 ) -> GlobalState:
     """Average B over clients against the shared A (taken from ``state.adapter`` when it has one);
     fold the columns above the floor rank into ``base_terms`` when ranks are mixed."""
-    acc = FFAAccumulator(state.adapter)
+    acc = accumulator(state)
     for update, p in zip(updates, normalize_weights(weights), strict=True):
         acc.add(update, p)
     return finish(state, acc)
 
 
+def accumulator(state: GlobalState) -> FFAAccumulator:
+    """An empty accumulator for the round that starts from ``state`` (streaming glue: ``add`` each
+    reply as it arrives, then :func:`finish`)."""
+    return FFAAccumulator(state.adapter)
+
+
 def finish(state: GlobalState, acc: FFAAccumulator) -> GlobalState:
-    """The next global state from a filled accumulator (streaming glue: add replies as they
-    arrive, then call this)."""
+    """The next global state from a filled accumulator."""
     floor = padding.floor_rank(state.extras, list(acc.rank_scales))
     adapter: AdapterState = {}
     folded: dict[str, list[padding.BaseTerm]] = {}

@@ -89,9 +89,20 @@ def aggregate(
     state: GlobalState, updates: Sequence[AdapterState], weights: Sequence[float]
 ) -> GlobalState:
     """Norm-weighted zero-padded average; the base is untouched."""
-    acc = HetLoRAAccumulator()
+    acc = accumulator(state)
     for update, p in zip(updates, normalize_weights(weights), strict=True):
         acc.add(update, p)
+    return finish(state, acc)
+
+
+def accumulator(state: GlobalState) -> HetLoRAAccumulator:
+    """An empty accumulator for the round that starts from ``state`` (streaming glue: ``add`` each
+    reply as it arrives, then :func:`finish`)."""
+    return HetLoRAAccumulator()
+
+
+def finish(state: GlobalState, acc: HetLoRAAccumulator) -> GlobalState:
+    """The next global state from a filled accumulator."""
     return GlobalState(
         adapter=acc.result(), base_terms=state.base_terms, extras=padding.next_extras(state, acc.rank_scales)
     )

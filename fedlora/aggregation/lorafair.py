@@ -13,8 +13,8 @@ Clients start the next round from (Ā, B̄ + ΔB); W is unchanged. Everything is
 (T = ΔW*/s_g), so λ penalises the stored correction and the ridge is the doc's formula when s = 1.
 
 Not exact: the result stays in Ā's row space. Both objectives need T only through
-C = T·Āᵀ (d_out, r) and ‖T‖_F, since ⟨M·Ā, T⟩ = ⟨M, C⟩ and ‖M·Ā‖² = ⟨M, M·Ā·Āᵀ⟩; so the
-correction is r×r work per layer. The gradient version takes backtracking steps that never
+C = T·Āᵀ (d_out, r) and ‖T‖_F, since ⟨M·Ā, T⟩ = ⟨M, C⟩ and ‖M·Ā‖² = ⟨M, M·Ā·Āᵀ⟩;
+so the correction is d_out·r² work per layer. The gradient version takes backtracking steps that never
 increase the objective, hence cos((B̄+ΔB)Ā, T) ≥ cos(B̄Ā, T) + λ‖ΔB‖ ≥ FedAvg's cosine.
 
 Streaming (:class:`LoraFairAccumulator`): C needs Ā, known only after the last reply, so T itself
@@ -112,6 +112,7 @@ class LoraFairAccumulator:
         self._reference: AdapterState | None = None
         self._sums: dict[str, list[torch.Tensor]] = {}  # layer → [ΣwA, ΣwsB, T or Y, (Z, Ω, Ψ)]
         self._scale: dict[str, float] = {}
+        self.rank_scales: dict[int, float] = {}
         self.total_weight = 0.0
         self.count = 0
 
@@ -138,6 +139,7 @@ class LoraFairAccumulator:
             if name not in self._sums:
                 self._sums[name] = self._start(name, f)
                 self._scale[name] = f.scale
+                self.rank_scales.setdefault(f.A.shape[0], f.scale)
             sums = self._sums[name]
             A, sB = f.A.to(torch.float64), f.scale * f.B.to(torch.float64)
             sums[0].add_(A, alpha=weight)
@@ -195,18 +197,38 @@ def aggregate(
     steps: int = DEFAULT_STEPS,
     sketch_rank: int | None = None,
 ) -> GlobalState:
-    """FedAvg + correction of B. ``method``/``lam`` default to ``state.extras["lorafair_method"]``
-    / ``["lorafair_lambda"]``, else "gradient" / 0.01. The base is untouched."""
+    """FedAvg + correction of B; the base is untouched. Options default to ``state.extras``
+    (``lorafair_method``, ``lorafair_lambda``, ``lorafair_sketch_rank``), else gradient, 0.01, dense."""
+    acc = accumulator(state, sketch_rank=sketch_rank)
+    for update, p in zip(updates, normalize_weights(weights), strict=True):
+        acc.add(update, p)
+    return finish(state, acc, method=method, lam=lam, steps=steps)
+
+
+def accumulator(state: GlobalState, *, sketch_rank: int | None = None) -> LoraFairAccumulator:
+    """An empty accumulator for the round that starts from ``state`` (streaming glue: ``add`` each
+    reply as it arrives, then :func:`finish`)."""
+    if sketch_rank is None:
+        sketch_rank = state.extras.get("lorafair_sketch_rank")
+    return LoraFairAccumulator(sketch_rank=sketch_rank, seed=int(state.extras.get("seed", 0)))
+
+
+def finish(
+    state: GlobalState,
+    acc: LoraFairAccumulator,
+    *,
+    method: str | None = None,
+    lam: float | None = None,
+    steps: int = DEFAULT_STEPS,
+) -> GlobalState:
+    """The next global state from a filled accumulator: (Ā, B̄ + ΔB) per layer."""
     method = method or state.extras.get("lorafair_method", "gradient")
     if lam is None:
         lam = float(state.extras.get("lorafair_lambda", DEFAULT_LAMBDA))
-    acc = LoraFairAccumulator(sketch_rank=sketch_rank, seed=int(state.extras.get("seed", 0)))
-    for update, p in zip(updates, normalize_weights(weights), strict=True):
-        acc.add(update, p)
     return GlobalState(
         adapter=acc.result(method, lam, steps),
         base_terms=state.base_terms,
-        extras=padding.next_extras(state, padding.seen_scales(updates)),
+        extras=padding.next_extras(state, acc.rank_scales),
     )
 
 
