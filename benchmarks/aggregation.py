@@ -219,12 +219,16 @@ def render(report: dict) -> str:
         + ("" if cfg["blocks"] == 32 else f" (**reduced from 32 blocks**; full size ×{32 / cfg['blocks']:.0f})")
         + ".",
         f"- Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, torch {m['torch']} "
-        f"({m['torch_threads']} threads), Python {m['python']}.",
+        f"({m['torch_threads']} thread{'s' if m['torch_threads'] != 1 else ''} per cell), Python {m['python']}.",
         f"- The CPU is **shared with other engineers' processes**: load average {report['load_before']} before, "
         f"{report['load_after']} after. Wall times are indicative, not a clean-room measurement.",
         f"- Peak RSS is each cell's own process high-water mark (`ru_maxrss`); an idle process that imports "
         f"fedlora and torch peaks at {report['idle_rss_mib']} MiB. Wall time counts aggregation only, not the "
-        "generation of the synthetic updates.",
+        "generation of the synthetic updates. Torch runs one thread per cell (`--threads`): with two, on a CPU "
+        "others are using, OpenMP oversubscription made small-matrix work several times slower.",
+        "- Peak RSS of two cells can differ by up to ~100 MiB for reasons unrelated to the client count: glibc's "
+        "dynamic mmap threshold makes heap reuse depend on allocation history (run the cells with "
+        "`MALLOC_MMAP_THRESHOLD_=131072` to pin it, at some cost in page faults).",
         f"- lorafair accumulates T = ΔW* as a rank-{cfg['sketch_rank']} sketch (exact while n·r ≤ "
         f"{cfg['sketch_rank']}); its dense accumulator would need {cfg['dense_T_gib']:.0f} GiB at this size.",
         "- fedex / flora merge layer by layer; their merged terms (the result column) are O(n) by nature and go "
@@ -273,7 +277,7 @@ def main() -> None:
     strategies = args.strategies.split(",")
     clients = [int(c) for c in args.clients.split(",")]
     report = {
-        "command": "python benchmarks/aggregation.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python benchmarks/aggregation.py", *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": {**machine(), "torch_threads": args.threads},
         "load_before": [round(x, 2) for x in os.getloadavg()],

@@ -1,39 +1,67 @@
 """fedlora's Flower ClientApp: load the base + adapter, train or evaluate locally, reply.
 
 Per-node settings (partition, rank, data path, device) come from the node config
-(:func:`fedlora.config.node_settings`); everything else from the run config.
+(:func:`fedlora.config.node_settings`); everything else from the run config. The server says in
+each message which adapter kind to train and which parts of it travel.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import torch
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlora.adapters import get_adapter_state, set_adapter_state
+from fedlora.adapters.sb import set_sb_frame
 from fedlora.base_terms import apply_base_terms
 from fedlora.config import FedloraConfig, NodeSettings, config_from_run_config, node_settings
 from fedlora.evaluation import evaluate_loss
-from fedlora.messages import read_train_content, reply_content
+from fedlora.messages import CONFIG, FRAME, PRIVACY, arrays_to_frame, from_array_record, read_train_content, reply_content
+from fedlora.privacy import STATE_KEY, example_entry, persist_client_state, restore_client_state, train_local_dp
 from fedlora.training import train_local
 from fedlora.workspace import build_model, client_datasets, tokenize
 
 
-def _setup(msg: Message, context: Context, cfg: FedloraConfig | None):
+def _config(context: Context, cfg: FedloraConfig | None) -> tuple[FedloraConfig, NodeSettings]:
     cfg = cfg if cfg is not None else config_from_run_config(dict(context.run_config))
     node = node_settings(dict(context.node_config), cfg)
     if node.device:
         cfg = replace(cfg, model=replace(cfg.model, device=node.device))
     if cfg.client_cpus >= 1:
         torch.set_num_threads(int(cfg.client_cpus))  # share the machine with the other clients
-    model, tokenizer = build_model(cfg, rank=node.rank)
-    adapter, base_terms, round_config = read_train_content(msg.content)
+    return cfg, node
+
+
+def _setup(msg: Message, context: Context, cfg: FedloraConfig | None):
+    cfg, node = _config(context, cfg)
+    rc = dict(msg.content[CONFIG])
+    model, tokenizer = build_model(cfg, rank=node.rank, kind=str(rc["adapter_kind"]))
+    if rc["adapter_kind"] == "sb":
+        # The fixed frame arrives once; the node keeps it in its persistent state.
+        if FRAME in msg.content:
+            context.state[FRAME] = msg.content[FRAME]
+        if FRAME not in context.state:
+            raise RuntimeError("this node has no Fed-SB frame; the server must send it")
+        set_sb_frame(model, arrays_to_frame(from_array_record(context.state[FRAME])))
+    start, base_terms, rc = read_train_content(msg.content, like=get_adapter_state(model))
     apply_base_terms(model, base_terms)
-    set_adapter_state(model, adapter)
+    set_adapter_state(model, start)
     train_ds, eval_ds = client_datasets(cfg, node.partition_id, node.num_partitions, node.data_path)
-    return cfg, node, model, tokenizer, round_config, train_ds, eval_ds
+    return cfg, node, model, tokenizer, rc, train_ds, eval_ds
+
+
+def train_private(model, examples, cfg: FedloraConfig, node: NodeSettings, context: Context, rnd: int, kwargs: dict):
+    """DP-SGD for one round, continuing this client's accountant (kept in the node's state and on
+    disk, and saved before the reply leaves so a released update is always on record)."""
+    record = context.state[STATE_KEY] if STATE_KEY in context.state else None
+    accountant = restore_client_state(record["state"] if record else None, cfg.run_dir, node.partition_id)
+    result, accountant = train_local_dp(model, examples, cfg.train, cfg.dp, accountant_state=accountant, **kwargs)
+    context.state[STATE_KEY] = ConfigRecord({"state": persist_client_state(accountant, cfg.run_dir, node.partition_id)})
+    entry = example_entry(result, accountant, round_index=rnd, client=node.partition_id)
+    return result, {"metrics": result.metrics(), "entry": json.dumps(entry)}
 
 
 def client_seed(cfg: FedloraConfig, node: NodeSettings, round_index: int) -> int:
@@ -44,6 +72,14 @@ def make_client_app(cfg: FedloraConfig | None = None) -> ClientApp:
     """A ClientApp bound to ``cfg``, or reading Flower's run config when ``cfg`` is None."""
     client_app = ClientApp()
 
+    @client_app.query()
+    def query(msg: Message, context: Context) -> Message:
+        """Node discovery: partition, rank and data size, before the first round."""
+        run_cfg, node = _config(context, cfg)
+        train_ds, _ = client_datasets(run_cfg, node.partition_id, node.num_partitions, node.data_path)
+        metrics = {"partition-id": node.partition_id, "rank": node.rank, "num-examples": len(train_ds)}
+        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
         run_cfg, node, model, tokenizer, rc, train_ds, _ = _setup(msg, context, cfg)
@@ -53,21 +89,28 @@ def make_client_app(cfg: FedloraConfig | None = None) -> ClientApp:
         def progress(step: int, loss: float) -> None:
             print(f"client {node.partition_id} round {rnd}: step {step}/{steps} loss {loss:.4f}", flush=True)
 
-        result = train_local(
-            model, examples, run_cfg.train, pad_id=tokenizer.pad_token_id,
-            round_index=rnd, num_rounds=int(rc["num_rounds"]),
-            seed=client_seed(run_cfg, node, rnd), on_step=progress,
-        )
+        kwargs = dict(pad_id=tokenizer.pad_token_id, round_index=rnd, num_rounds=int(rc["num_rounds"]),
+                      seed=client_seed(run_cfg, node, rnd), on_step=progress)
+        privacy = None
+        if run_cfg.dp.mode == "example":
+            result, privacy = train_private(model, examples, run_cfg, node, context, rnd, kwargs)
+        else:
+            result = train_local(model, examples, run_cfg.train, **kwargs)
         metrics = {"num-examples": len(examples), "train_loss": result.loss, "train_tokens": result.tokens,
-                   "train_seconds": result.seconds, "rank": node.rank}
-        return Message(reply_content(get_adapter_state(model), metrics), reply_to=msg)
+                   "train_seconds": result.seconds, "rank": node.rank, "partition-id": node.partition_id}
+        parts = tuple(str(rc["parts"]).split(","))
+        content = reply_content(get_adapter_state(model), metrics | (privacy or {}).get("metrics", {}), parts)
+        if privacy is not None:
+            content[PRIVACY] = ConfigRecord({"entry": privacy["entry"]})
+        return Message(content, reply_to=msg)
 
     @client_app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        run_cfg, _, model, tokenizer, _, _, eval_ds = _setup(msg, context, cfg)
+        run_cfg, node, model, tokenizer, _, _, eval_ds = _setup(msg, context, cfg)
         examples = tokenize(eval_ds, tokenizer, run_cfg, limit=run_cfg.eval.max_examples)
         result = evaluate_loss(model, examples, batch_size=run_cfg.eval.batch_size, pad_id=tokenizer.pad_token_id)
-        metrics = {"num-examples": len(examples), "eval_loss": result.loss, "eval_tokens": result.tokens}
+        metrics = {"num-examples": len(examples), "eval_loss": result.loss, "eval_tokens": result.tokens,
+                   "partition-id": node.partition_id}
         return Message(reply_content(None, metrics), reply_to=msg)
 
     return client_app

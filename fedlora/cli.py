@@ -2,6 +2,7 @@
 
     fedlora simulate [hydra overrides]      run a federation in Flower's simulation engine
                                             e.g. fedlora simulate model=tiny num_rounds=2
+    fedlora privacy-report RUN_DIR          write privacy_report.{json,md} and epsilon.png from a run's ledger
     fedlora serve RUN_DIR [NAME=RUN_DIR …] [--host 127.0.0.1] [--port 50061]
                   [--tls-cert C --tls-key K [--tls-client-ca CA]]
                                             serve adapters, metrics and privacy reports over gRPC
@@ -57,6 +58,12 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = argv[0], argv[1:]
     if command == "simulate":
         simulate_main(rest)
+    elif command == "privacy-report":
+        from fedlora.privacy import privacy_report_main
+
+        if len(rest) != 1:
+            raise SystemExit(f"fedlora: privacy-report takes one RUN_DIR\n{USAGE}")
+        privacy_report_main(rest[0])
     elif command == "serve":
         from fedlora.adapter_service import serve_main
 

@@ -53,7 +53,8 @@ class AdapterConfig:
     """
 
     kind: str = "lora"
-    """Adapter kind from :data:`fedlora.adapters.ADAPTERS`: ``lora`` or ``frozen_a``."""
+    """Adapter kind from :data:`fedlora.adapters.ADAPTERS`: ``lora``, ``frozen_a`` or ``sb``
+    (strategies that need a kind, ffa and fedsb, choose it themselves)."""
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
@@ -127,7 +128,7 @@ class DPConfig:
     target_epsilon: float | None = None
     """Calibrate σ so the planned rounds × local steps end at this ε (at ``delta``)."""
     delta: float | None = None
-    """Default: min(1e-5, 1/(10·N_k)) per client (example), 1/(10·clients) (client)."""
+    """Default: min(1e-5, 1/(10·N)), N = a client's examples (example) or the client population (client)."""
     max_grad_norm: float = 1.0
     """Clipping bound C: per example (example) or per client update (client)."""
     max_epsilon: float | None = None
@@ -253,6 +254,8 @@ class StrategyConfig:
     """A round needs at least this many clients sampled and replying."""
     round_timeout: float | None = None
     """Seconds to wait for replies each round (None: wait for all)."""
+    lorafair_lambda: float = 0.01
+    """LoRA-FAIR's regulariser λ on the correction ΔB."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.fraction_train <= 1.0:

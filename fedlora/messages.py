@@ -2,22 +2,31 @@
 
 Both apps import this one module, so the keys live in one place. A train/evaluate message holds
 
-- ``global``  (ArrayRecord): the global adapter, flattened by ``state_to_arrays``;
-- ``base``    (ArrayRecord, optional): exact low-rank terms folded into the frozen base;
-- ``config``  (ConfigRecord): ``round``, ``num_rounds`` and the strategy's instructions.
+- ``global``  (ArrayRecord): the client's starting adapter, only the parts its strategy sends
+  (A and B; B alone for FFA-LoRA; the core R alone for Fed-SB);
+- ``base``    (ArrayRecord, optional): exact terms folded into the frozen base (FedEx residuals,
+  FLoRA stacks), factored ``term{k}.lora_A/B`` or dense ``term{k}.dense``;
+- ``frame``   (ArrayRecord, optional): a B·R·A adapter's fixed frame, sent once per client;
+- ``config``  (ConfigRecord): ``round``, ``num_rounds``, ``strategy``, ``adapter_kind``, ``rank``,
+  ``upload`` (the parts to send back).
 
 A train reply holds ``update`` (ArrayRecord) and ``metrics`` (MetricRecord with ``num-examples``,
-``train_loss`` …); an evaluate reply holds ``metrics`` only.
+``train_loss`` …); an evaluate reply holds ``metrics`` only; a query reply (node discovery)
+holds ``metrics`` with ``partition-id``, ``rank`` and ``num-examples``.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedlora.adapters.state import AdapterState, LoraFactors, arrays_to_state, state_to_arrays
+from fedlora.aggregation.padding import BaseTerm, DenseTerm
 
-GLOBAL, BASE, CONFIG, UPDATE, METRICS = "global", "base", "config", "update", "metrics"
+GLOBAL, BASE, FRAME, CONFIG, UPDATE, METRICS = "global", "base", "frame", "config", "update", "metrics"
+PRIVACY = "privacy"
+"""A train reply's privacy ledger entry (ConfigRecord ``entry``: JSON), under DP."""
 
 
 def to_array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
@@ -28,41 +37,75 @@ def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in record.items()}
 
 
-def base_terms_to_arrays(terms: dict[str, list[LoraFactors]]) -> dict[str, np.ndarray]:
-    """``{layer}.term{k}.lora_A`` … for every base term (scale folded into B)."""
-    flat: AdapterState = {
-        f"{name}.term{k}": LoraFactors(t.A, t.scale * t.B, 1.0) for name, ts in terms.items() for k, t in enumerate(ts)
-    }
-    return state_to_arrays(flat)
+def base_terms_to_arrays(terms: dict[str, list[BaseTerm]]) -> dict[str, np.ndarray]:
+    """``{layer}.term{k}.lora_A/.lora_B`` (scale folded into B), or ``.dense`` for a dense term."""
+    out: dict[str, np.ndarray] = {}
+    for name, layer_terms in terms.items():
+        for k, t in enumerate(layer_terms):
+            key = f"{name}.term{k}"
+            if isinstance(t, DenseTerm):
+                out[f"{key}.dense"] = (t.scale * t.weight.double()).float().cpu().numpy()
+            else:
+                out[f"{key}.lora_A"] = t.A.float().cpu().numpy()
+                out[f"{key}.lora_B"] = (t.scale * t.B.double()).float().cpu().numpy()
+    return out
 
 
-def arrays_to_base_terms(arrays: dict[str, np.ndarray]) -> dict[str, list[LoraFactors]]:
-    terms: dict[str, list[tuple[int, LoraFactors]]] = {}
-    for key, factors in arrays_to_state(arrays).items():
+def arrays_to_base_terms(arrays: dict[str, np.ndarray]) -> dict[str, list[BaseTerm]]:
+    terms: dict[str, dict[int, BaseTerm]] = {}
+    dense = {k[: -len(".dense")]: v for k, v in arrays.items() if k.endswith(".dense")}
+    factored = {k: v for k, v in arrays.items() if not k.endswith(".dense")}
+    for key, weight in dense.items():
         name, _, k = key.rpartition(".term")
-        terms.setdefault(name, []).append((int(k), factors))
-    return {name: [f for _, f in sorted(ts)] for name, ts in terms.items()}
+        terms.setdefault(name, {})[int(k)] = DenseTerm(torch.from_numpy(np.array(weight)))
+    if factored:
+        scales = {k.rsplit(".", 1)[0] + ".scale": np.ones(1, np.float32) for k in factored}
+        for key, f in arrays_to_state(factored | scales).items():
+            name, _, k = key.rpartition(".term")
+            terms.setdefault(name, {})[int(k)] = f
+    return {name: [ts[k] for k in sorted(ts)] for name, ts in terms.items()}
+
+
+def frame_to_arrays(frame: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for name, (b, a) in frame.items():
+        out[f"{name}.frame_B"] = b.float().cpu().numpy()
+        out[f"{name}.frame_A"] = a.float().cpu().numpy()
+    return out
+
+
+def arrays_to_frame(arrays: dict[str, np.ndarray]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    names = {k.rsplit(".", 1)[0] for k in arrays}
+    return {n: (torch.from_numpy(np.array(arrays[f"{n}.frame_B"])), torch.from_numpy(np.array(arrays[f"{n}.frame_A"])))
+            for n in names}
 
 
 def train_content(
-    adapter: AdapterState, base_terms: dict[str, list[LoraFactors]], config: dict
+    start: AdapterState,
+    parts: tuple[str, ...],
+    base_terms: dict[str, list[BaseTerm]],
+    config: dict,
+    frame: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> RecordDict:
-    content = RecordDict({GLOBAL: to_array_record(state_to_arrays(adapter)), CONFIG: ConfigRecord(config)})
+    content = RecordDict({GLOBAL: to_array_record(state_to_arrays(start, parts)), CONFIG: ConfigRecord(config)})
     if any(base_terms.values()):
         content[BASE] = to_array_record(base_terms_to_arrays(base_terms))
+    if frame is not None:
+        content[FRAME] = to_array_record(frame_to_arrays(frame))
     return content
 
 
-def read_train_content(content: RecordDict) -> tuple[AdapterState, dict[str, list[LoraFactors]], dict]:
-    adapter = arrays_to_state(from_array_record(content[GLOBAL]))
+def read_train_content(content: RecordDict, like: AdapterState) -> tuple[AdapterState, dict[str, list[BaseTerm]], dict]:
+    """(start adapter, base terms, config); parts the payload leaves out come from ``like``."""
+    adapter = arrays_to_state(from_array_record(content[GLOBAL]), like=like)
     base = arrays_to_base_terms(from_array_record(content[BASE])) if BASE in content else {}
     return adapter, base, dict(content[CONFIG])
 
 
-def reply_content(update: AdapterState | None, metrics: dict[str, float | int]) -> RecordDict:
+def reply_content(update: AdapterState | None, metrics: dict[str, float | int], parts: tuple[str, ...] = ("A", "B")) -> RecordDict:
     content = RecordDict({METRICS: MetricRecord(metrics)})
     if update is not None:
-        content[UPDATE] = to_array_record(state_to_arrays(update))
+        content[UPDATE] = to_array_record(state_to_arrays(update, parts))
     return content
 
 

@@ -18,6 +18,10 @@ def preflight(cfg: FedloraConfig) -> None:
     from fedlora_server.strategy import make_strategy
 
     make_strategy(cfg)
+    if cfg.dp.mode == "client":
+        from fedlora.privacy import check_client_level_strategy
+
+        check_client_level_strategy(cfg.strategy.name)
     train, _ = load_splits(cfg)
     partition_dataset(train, cfg.dataset, cfg.num_clients)
 

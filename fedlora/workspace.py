@@ -19,10 +19,11 @@ from fedlora.partition import partition_dataset
 Examples = list[dict[str, list[int]]]
 
 
-def build_model(cfg: FedloraConfig, rank: int | None = None):
-    """The frozen base with adapters of ``rank`` (default ``cfg.adapter.rank``) injected."""
+def build_model(cfg: FedloraConfig, rank: int | None = None, kind: str | None = None):
+    """The frozen base with adapters of ``kind`` (default ``cfg.adapter.kind``) and ``rank``
+    (default ``cfg.adapter.rank``) injected."""
     model, tokenizer = load_model(cfg.model)
-    inject_adapters(model, cfg.adapter, adapter_class(cfg.adapter.kind), rank=rank)
+    inject_adapters(model, cfg.adapter, adapter_class(kind or cfg.adapter.kind), rank=rank)
     return model, tokenizer
 
 

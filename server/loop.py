@@ -1,168 +1,290 @@
-"""The server's round loop: sample, send, aggregate, evaluate, record.
+"""The server's round loop: discover nodes, sample, send, aggregate as replies arrive, evaluate,
+record.
 
 Written against Flower's Grid/Message API directly (rather than ``Strategy.start``) so every
 round's real payload bytes, the aggregation error and the rejected replies are measured here and
-land in ``metrics.jsonl``.
+land in ``metrics.jsonl``, and so replies are folded into the aggregate one by one as they arrive
+(no list of every client's update for the streaming methods).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flwr.app import Message, MessageType
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedlora.adapters import arrays_to_state, get_adapter_state, set_adapter_state
-from fedlora.aggregation import GlobalState, aggregation_error, ideal_update, round_update
+from fedlora.aggregation import GlobalState, aggregation_error, round_update
 from fedlora.base_terms import apply_base_terms
-from fedlora.config import FedloraConfig, config_to_dict
+from fedlora.config import ConfigError, FedloraConfig, config_to_dict
 from fedlora.data import format_example
 from fedlora.evaluation import evaluate_loss, gsm8k_accuracy
-from fedlora.messages import METRICS, UPDATE, content_bytes, from_array_record, train_content
+from fedlora.messages import CONFIG, METRICS, PRIVACY, UPDATE, content_bytes, from_array_record, train_content
+from fedlora.privacy import (
+    account_round,
+    append_entry,
+    check_client_level_strategy,
+    client_level_entry,
+    client_level_noise,
+    client_level_spent,
+    noise_generator,
+    privatize_round,
+    run_entry,
+    worst_epsilon,
+    write_privacy_report,
+)
 from fedlora.partition import format_partition_stats, partition_dataset, partition_stats, save_partition_stats
 from fedlora.peft_export import export_state, save_peft_adapter
+from fedlora.proto_io import write_global_adapter
 from fedlora.reporting import RunWriter
 from fedlora.workspace import build_model, load_splits, tokenize
-from fedlora_server.strategy import make_strategy
+from fedlora_server.strategy import IdealAccumulator, LoraStrategy, NodeInfo, make_strategy
 
 log = logging.getLogger("fedlora")
 
 
+def stream_replies(grid: Grid, messages: list[Message], timeout: float | None) -> Iterator[Message]:
+    """Push ``messages`` and yield each reply as soon as it arrives (until ``timeout`` seconds)."""
+    pending = set(grid.push_messages(messages))
+    deadline = None if timeout is None else time.time() + timeout
+    while pending and (deadline is None or time.time() < deadline):
+        for reply in grid.pull_messages(pending):
+            pending.discard(reply.metadata.reply_to_message_id)
+            yield reply
+        if pending:
+            time.sleep(0.1)
+    if pending:
+        log.warning("%d client(s) did not reply within %.0f s (stragglers dropped)", len(pending), timeout)
+
+
+def discover(grid: Grid, strategy: LoraStrategy, needed: int, timeout: float = 300.0) -> list[NodeInfo]:
+    """Wait for ``needed`` nodes and ask each for its partition, rank and data size."""
+    deadline = time.time() + timeout
+    while len(node_ids := list(grid.get_node_ids())) < needed:
+        if time.time() > deadline:
+            raise RuntimeError(f"only {len(node_ids)} client nodes connected after {timeout:.0f} s; {needed} needed")
+        time.sleep(1.0)
+    query = [Message(content=RecordDict({CONFIG: ConfigRecord({"query": "node-info"})}), dst_node_id=n,
+                     message_type=MessageType.QUERY) for n in node_ids]
+    nodes = []
+    for reply in stream_replies(grid, query, timeout):
+        if reply.has_error():
+            log.warning("node %s failed discovery: %s", reply.metadata.src_node_id, reply.error.reason)
+            continue
+        m = reply.content[METRICS]
+        nodes.append(NodeInfo(reply.metadata.src_node_id, int(m["partition-id"]), int(m["rank"]), int(m["num-examples"])))
+    strategy.check_ranks([n.rank for n in nodes])
+    return nodes
+
+
 @dataclass
-class RoundReplies:
-    updates: list = field(default_factory=list)
+class Round:
+    """One round's bookkeeping while replies stream in."""
+
+    accepted: int = 0
     weights: list[float] = field(default_factory=list)
     train_losses: list[float] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
     bytes_up: int = 0
+    bytes_down: int = 0
+    held: list = field(default_factory=list)
+    """Client-level DP only: the updates, clipped and noised together once all have arrived."""
 
 
-def wait_for_nodes(grid: Grid, needed: int, timeout: float = 300.0) -> list[int]:
-    """Connected node ids once at least ``needed`` are there."""
-    deadline = time.time() + timeout
-    while True:
-        nodes = list(grid.get_node_ids())
-        if len(nodes) >= needed:
-            return nodes
-        if time.time() > deadline:
-            raise RuntimeError(f"only {len(nodes)} client nodes connected after {timeout:.0f} s; {needed} needed")
-        time.sleep(1.0)
+@dataclass
+class ClientLevelDP:
+    """The server's client-level DP (DP-FedAvg) for a run: noise, δ and its accountant."""
+
+    noise_multiplier: float
+    delta: float
+    population: int
+    accountant: object = None
+
+    def release(self, strategy: LoraStrategy, state: GlobalState, start, updates, run_dir: Path, rnd: int, clip: float):
+        """Clip, average with equal weights, noise; account the release; record it in the ledger."""
+        rel = privatize_round(strategy.name, start, updates, [1.0] * len(updates), clip=clip,
+                              noise_multiplier=self.noise_multiplier, generator=noise_generator())
+        self.accountant = account_round(self.accountant, noise_multiplier=self.noise_multiplier, clients=len(updates),
+                                        population=self.population, delta=self.delta, round_index=rnd)
+        eps = client_level_spent(self.accountant).epsilon
+        append_entry(run_dir, client_level_entry(self.accountant, round_index=rnd, clip=clip, sampled=len(updates),
+                                                 aggregated=len(updates), population=self.population,
+                                                 noise_std=rel.noise_std, epsilon=eps))
+        return strategy.method.aggregate(state, [rel.update], [1.0])
 
 
-def collect(replies, strategy, reference) -> RoundReplies:
-    """Sort train replies into accepted updates and logged rejections."""
-    out = RoundReplies()
-    for reply in replies:
+def run_round(grid: Grid, strategy: LoraStrategy, state: GlobalState, nodes: list[NodeInfo], rnd: int,
+              cfg: FedloraConfig, frame_sent: set[int], run_dir: Path,
+              client_dp: ClientLevelDP | None = None) -> tuple[Round, GlobalState | None, float | None]:
+    """Train on ``nodes``; returns the bookkeeping, the new state (None if too few replies) and agg_error."""
+    out = Round()
+    starts, messages = {}, []
+    for node in nodes:
+        starts[node.node_id] = strategy.start_for(state, node.rank)
+        frame = strategy.frame_for(state, node.rank) if node.node_id not in frame_sent else None
+        config = {"round": rnd, "num_rounds": cfg.num_rounds, "strategy": strategy.name, "rank": node.rank,
+                  "adapter_kind": strategy.adapter_kind, "parts": ",".join(strategy.parts)}
+        content = train_content(starts[node.node_id], strategy.parts, state.base_terms, config, frame)
+        out.bytes_down += content_bytes(content)
+        messages.append(Message(content=content, dst_node_id=node.node_id, message_type=MessageType.TRAIN))
+        if frame is not None:
+            frame_sent.add(node.node_id)
+    acc, ideal = strategy.accumulator(state), IdealAccumulator()
+    for reply in stream_replies(grid, messages, cfg.strategy.round_timeout):
         node = reply.metadata.src_node_id
         if reply.has_error():
             out.rejected.append(f"node {node}: error {reply.error.reason}")
             continue
         out.bytes_up += content_bytes(reply.content)
         metrics = reply.content[METRICS]
+        if PRIVACY in reply.content:  # recorded even when the client declined
+            append_entry(run_dir, json.loads(reply.content[PRIVACY]["entry"]))
         if metrics.get("declined"):
-            out.rejected.append(f"node {node}: declined")
+            out.rejected.append(f"node {node}: declined to train (its privacy budget would be exceeded)")
             continue
         try:
-            update = arrays_to_state(from_array_record(reply.content[UPDATE]))
+            update = arrays_to_state(from_array_record(reply.content[UPDATE]), like=starts[node])
         except (KeyError, ValueError) as err:
             out.rejected.append(f"node {node}: malformed update ({err})")
             continue
-        reason = strategy.check_update(update, reference)
+        reason = strategy.check_update(update, starts[node])
         if reason:
             out.rejected.append(f"node {node}: {reason}")
             continue
-        out.updates.append(update)
-        out.weights.append(float(metrics["num-examples"]))
+        weight = 1.0 if client_dp else float(metrics["num-examples"])  # client-level DP: equal weights
+        if client_dp:
+            out.held.append(update)
+        else:
+            acc.add(update, weight)
+        ideal.add(strategy.lift(state, update), weight)
+        out.accepted += 1
+        out.weights.append(weight)
         out.train_losses.append(float(metrics["train_loss"]))
     for why in out.rejected:
-        log.warning("rejected reply: %s", why)
-    return out
+        log.warning("round %d: rejected reply: %s", rnd, why)
+    if out.accepted < cfg.strategy.min_clients:
+        log.warning("round %d: %d usable replies < min_clients=%d; keeping the previous global adapter",
+                    rnd, out.accepted, cfg.strategy.min_clients)
+        return out, None, None
+    if client_dp:
+        start = strategy.start_for(state, nodes[0].rank)
+        new_state = client_dp.release(strategy, state, start, out.held, run_dir, rnd, cfg.dp.max_grad_norm)
+        out.held.clear()
+    else:
+        new_state = acc.finish()
+    return out, new_state, aggregation_error(round_update(state, new_state), ideal.result())
 
 
 def run_server(grid: Grid, cfg: FedloraConfig, run_dir: str | Path) -> dict:
-    """Run ``cfg.num_rounds`` rounds; returns the summary written to ``summary.json``."""
+    """Run ``cfg.num_rounds`` rounds; returns the run directory and the per-round rows."""
     strategy = make_strategy(cfg)  # bad strategy / rank mix fails before any loading
     writer = RunWriter(run_dir)
     writer.write_config(config_to_dict(cfg))
     print(f"fedlora: run directory {writer.dir}", flush=True)
 
     # Everything that can fail on bad input happens before round 1.
-    model, tokenizer = build_model(cfg)
     train_ds, held_out = load_splits(cfg)
     stats = partition_stats(partition_dataset(train_ds, cfg.dataset, cfg.num_clients), cfg.dataset)
     save_partition_stats(stats, writer.dir)
     print(format_partition_stats(stats), flush=True)
+    nodes = discover(grid, strategy, cfg.strategy.min_clients)
+    ranks = sorted({n.rank for n in nodes})
+    client_dp = None
+    if cfg.dp.mode != "none":
+        append_entry(writer.dir, run_entry(cfg))
+    if cfg.dp.mode == "client":
+        check_client_level_strategy(strategy.name)
+        if len(ranks) > 1:
+            raise ConfigError("dp.mode=client needs every client at the same rank (one clipping reference)")
+        z, delta = client_level_noise(cfg.dp, clients_per_round=strategy.num_to_sample(len(nodes)),
+                                      population=len(nodes), num_rounds=cfg.num_rounds)
+        client_dp = ClientLevelDP(z, delta, len(nodes))
+    print(f"fedlora: {len(nodes)} clients, ranks {ranks}, strategy {strategy.name} "
+          f"({'exact' if strategy.exact else 'inexact: agg_error reports its real error'})", flush=True)
+    # The server's model holds the global update as plain LoRA at the largest client rank.
+    model, tokenizer = build_model(cfg, rank=max(ranks), kind="lora")
     eval_examples = tokenize(held_out, tokenizer, cfg, limit=cfg.eval.max_examples)
     pad_id = tokenizer.pad_token_id
     device = next(model.parameters()).device
-    print(f"fedlora: model on {device}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
-          f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f} M trainable", flush=True)
-    if not strategy.exact:
-        print(f"fedlora: strategy {cfg.strategy.name} is not exact; agg_error reports its real error", flush=True)
+    print(f"fedlora: model on {device}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters", flush=True)
 
     def server_eval() -> float:
         return evaluate_loss(model, eval_examples, batch_size=cfg.eval.batch_size, pad_id=pad_id, progress=True).loss
 
-    state = GlobalState(adapter=get_adapter_state(model))
+    state = strategy.initial_state(get_adapter_state(model), min_rank=min(ranks))
+    set_adapter_state(model, state.adapter)
+    meta = {"run": writer.dir.name, "strategy": strategy.name, "base_model": cfg.model.name_or_path,
+            "lora_alpha": cfg.adapter.alpha, "use_rslora": cfg.adapter.rslora}
+    write_global_adapter(writer.dir, state, round=0, **meta)
     rng = random.Random(cfg.seed)
-    writer.log_round({"round": 0, "strategy": cfg.strategy.name, "clients": 0, "train_loss": None,
+    frame_sent: set[int] = set()
+    writer.log_round({"round": 0, "strategy": strategy.name, "clients": 0, "train_loss": None,
                       "eval_loss": server_eval(), "agg_error": None, "bytes_up": 0, "bytes_down": 0, "seconds": 0.0})
 
     for rnd in range(1, cfg.num_rounds + 1):
         started = time.time()
-        nodes = strategy.sample(wait_for_nodes(grid, cfg.strategy.min_clients), rng)
-        content = train_content(state.adapter, state.base_terms, strategy.train_config(rnd, cfg.num_rounds))
-        bytes_down = content_bytes(content) * len(nodes)
-        print(f"fedlora: round {rnd}/{cfg.num_rounds}: training on {len(nodes)} clients …", flush=True)
-        messages = [Message(content=content.copy(), dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
-        got = collect(grid.send_and_receive(messages, timeout=cfg.strategy.round_timeout), strategy, state.adapter)
-        row = {"round": rnd, "strategy": cfg.strategy.name, "clients": len(got.updates),
-               "rejected": len(got.rejected), "bytes_down": bytes_down, "bytes_up": got.bytes_up}
-        if len(got.updates) < cfg.strategy.min_clients:
-            log.warning("round %d: %d usable replies < min_clients=%d; keeping the previous global adapter",
-                        rnd, len(got.updates), cfg.strategy.min_clients)
-            row.update(train_loss=None, eval_loss=None, agg_error=None)
-        else:
-            new_state = strategy.aggregate(state, got.updates, got.weights)
-            error = aggregation_error(round_update(state, new_state), ideal_update(got.updates, got.weights))
-            apply_base_terms(model, {n: t[len(state.base_terms.get(n, [])):] for n, t in new_state.base_terms.items()})
+        sampled = strategy.sample(nodes, rng)
+        print(f"fedlora: round {rnd}/{cfg.num_rounds}: training on {len(sampled)} clients …", flush=True)
+        stats_, new_state, error = run_round(grid, strategy, state, sampled, rnd, cfg, frame_sent, writer.dir, client_dp)
+        row = {"round": rnd, "strategy": strategy.name, "clients": stats_.accepted, "rejected": len(stats_.rejected),
+               "bytes_down": stats_.bytes_down, "bytes_up": stats_.bytes_up, "agg_error": error,
+               "train_loss": None, "eval_loss": None}
+        if new_state is not None:
+            fresh = {n: t[len(state.base_terms.get(n, [])):] for n, t in new_state.base_terms.items()}
+            apply_base_terms(model, fresh)
             set_adapter_state(model, new_state.adapter)
             state = new_state
-            total = sum(got.weights)
-            row.update(train_loss=sum(w * l for w, l in zip(got.weights, got.train_losses)) / total,
-                       eval_loss=server_eval(), agg_error=error)
+            write_global_adapter(writer.dir, state, round=rnd, **meta)
+            row["train_loss"] = sum(w * l for w, l in zip(stats_.weights, stats_.train_losses)) / sum(stats_.weights)
+            row["eval_loss"] = server_eval()
             if cfg.eval.client_eval:
-                row.update(client_eval(grid, nodes, state, strategy, rnd, cfg))
+                row.update(client_eval(grid, strategy, state, sampled, rnd, cfg, frame_sent))
+        if cfg.dp.mode != "none":
+            row["epsilon"] = worst_epsilon(writer.dir)
         row["seconds"] = round(time.time() - started, 2)
         writer.log_round(row)
 
     if not any(r.get("eval_loss") is not None for r in writer.rows[1:]):
         raise RuntimeError("no round got enough usable client replies; see the rejected replies logged above")
-    extra = {"strategy": cfg.strategy.name, "model": cfg.model.name_or_path, "dataset": cfg.dataset.name,
-             "device": str(device)}
+    extra = {"strategy": strategy.name, "exact": strategy.exact, "model": cfg.model.name_or_path,
+             "dataset": cfg.dataset.name, "device": str(device), "client_ranks": ranks}
     if cfg.eval.gsm8k_problems > 0:
         rows = held_out.select(range(min(cfg.eval.gsm8k_problems, len(held_out))))
         problems = [format_example(r, cfg.dataset) for r in rows]
         extra["gsm8k"] = gsm8k_accuracy(model, tokenizer, problems, max_new_tokens=cfg.eval.max_new_tokens, progress=True)
         print(f"fedlora: GSM8K exact match {extra['gsm8k']['correct']}/{extra['gsm8k']['total']}", flush=True)
-    adapter_dir = save_peft_adapter(export_state(state, cfg.adapter.alpha, cfg.adapter.rslora), cfg.adapter, writer.dir / "adapter",
-                                    base_model=cfg.model.name_or_path)
+    adapter_dir = save_peft_adapter(export_state(state, cfg.adapter.alpha, cfg.adapter.rslora), cfg.adapter,
+                                    writer.dir / "adapter", base_model=cfg.model.name_or_path)
     writer.plot()
+    if cfg.dp.mode != "none":
+        paths = write_privacy_report(writer.dir)
+        extra["privacy_report"] = {k: str(v) for k, v in paths.items()}
+        print(f"fedlora: privacy report: {', '.join(p.name for p in paths.values())}", flush=True)
     summary_path = writer.write_summary(extra | {"adapter_dir": str(adapter_dir)})
     print(f"fedlora: done; results in {writer.dir} ({summary_path.name}, metrics.jsonl, adapter/, eval_loss.png)", flush=True)
     return {"run_dir": str(writer.dir), "rows": writer.rows}
 
 
-def client_eval(grid: Grid, nodes: list[int], state: GlobalState, strategy, rnd: int, cfg: FedloraConfig) -> dict:
+def client_eval(grid: Grid, strategy: LoraStrategy, state: GlobalState, nodes: list[NodeInfo], rnd: int,
+                cfg: FedloraConfig, frame_sent: set[int]) -> dict:
     """Clients' own held-out loss of the new global adapter, weighted by their token counts."""
-    content = train_content(state.adapter, state.base_terms, strategy.train_config(rnd, cfg.num_rounds))
-    messages = [Message(content=content.copy(), dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
+    messages, down = [], 0
+    for node in nodes:
+        frame = strategy.frame_for(state, node.rank) if node.node_id not in frame_sent else None
+        config = {"round": rnd, "num_rounds": cfg.num_rounds, "strategy": strategy.name, "rank": node.rank,
+                  "adapter_kind": strategy.adapter_kind, "parts": ",".join(strategy.parts)}
+        content = train_content(strategy.start_for(state, node.rank), strategy.parts, state.base_terms, config, frame)
+        down += content_bytes(content)
+        messages.append(Message(content=content, dst_node_id=node.node_id, message_type=MessageType.EVALUATE))
     losses, weights, up = [], [], 0
-    for reply in grid.send_and_receive(messages, timeout=cfg.strategy.round_timeout):
+    for reply in stream_replies(grid, messages, cfg.strategy.round_timeout):
         if reply.has_error():
             log.warning("evaluate reply from node %s: %s", reply.metadata.src_node_id, reply.error.reason)
             continue
@@ -173,4 +295,4 @@ def client_eval(grid: Grid, nodes: list[int], state: GlobalState, strategy, rnd:
     if not losses:
         return {}
     return {"client_eval_loss": sum(l * w for l, w in zip(losses, weights)) / sum(weights),
-            "eval_bytes_down": content_bytes(content) * len(nodes), "eval_bytes_up": up}
+            "eval_bytes_down": down, "eval_bytes_up": up}

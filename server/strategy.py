@@ -1,7 +1,9 @@
-"""Thin Flower-side strategy: client sampling and reply checks around a pure aggregation module.
+"""Thin Flower-side strategy: who trains, what each client is sent, which replies are fit to
+aggregate. The math of each method lives in ``fedlora.aggregation.<name>``.
 
-The math of each method lives in ``fedlora.aggregation.<name>``; this class only decides who
-trains, what each client is told, and which replies are fit to aggregate.
+Per method this file only records three facts: the adapter kind clients train (a frozen-A LoRA
+for FFA-LoRA, a B·R·A adapter for Fed-SB, else plain LoRA), the parts of the adapter that travel
+each way (B only, R only, or A and B), and how the first global state is made.
 """
 
 from __future__ import annotations
@@ -13,57 +15,179 @@ from types import ModuleType
 
 import torch
 
+from fedlora.adapters.lora import layer_generator, lora_scale
+from fedlora.adapters.sb import data_free_frame
 from fedlora.adapters.state import AdapterState
 from fedlora.aggregation import AGGREGATORS, GlobalState
-from fedlora.config import ConfigError, FedloraConfig, StrategyConfig
+from fedlora.aggregation.common import AggregationError, normalize_weights
+from fedlora.config import ConfigError, FedloraConfig
+
+ADAPTER_KIND = {"ffa": "frozen_a", "fedsb": "sb"}
+"""Strategies whose clients train a special adapter kind (others train plain LoRA)."""
+PAYLOAD = {"ffa": ("B",), "fedsb": ("R",)}
+"""Parts of the adapter that travel, both ways (default: A and B)."""
+
+
+@dataclass
+class NodeInfo:
+    """What a node told the server when it was discovered."""
+
+    node_id: int
+    partition_id: int
+    rank: int
+    num_examples: int
+
+
+class _ListAccumulator:
+    """For methods that need every update at once (FedEx-LoRA, FLoRA merge layer by layer)."""
+
+    def __init__(self, method: ModuleType, state: GlobalState) -> None:
+        self.method, self.state, self.updates, self.weights = method, state, [], []
+
+    def add(self, update: AdapterState, weight: float) -> None:
+        self.updates.append(update)
+        self.weights.append(weight)
+
+    def finish(self) -> GlobalState:
+        return self.method.aggregate(self.state, self.updates, self.weights)
+
+
+class _StreamingAccumulator:
+    """For methods with an ``accumulator``/``finish`` pair: memory flat in the number of clients."""
+
+    def __init__(self, method: ModuleType, state: GlobalState) -> None:
+        self.method, self.state = method, state
+        self.acc = method.accumulator(state)
+
+    def add(self, update: AdapterState, weight: float) -> None:
+        self.acc.add(update, weight)
+
+    def finish(self) -> GlobalState:
+        return self.method.finish(self.state, self.acc)
 
 
 @dataclass
 class LoraStrategy:
-    """Sampling and aggregation for one run."""
+    """Sampling, payloads and aggregation for one run."""
 
-    cfg: StrategyConfig
+    cfg: FedloraConfig
     method: ModuleType
+
+    @property
+    def name(self) -> str:
+        return self.cfg.strategy.name
 
     @property
     def exact(self) -> bool:
         return bool(self.method.EXACT)
 
+    @property
+    def adapter_kind(self) -> str:
+        return ADAPTER_KIND.get(self.name, self.cfg.adapter.kind)
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return PAYLOAD.get(self.name, ("A", "B"))
+
+    def scale(self, rank: int) -> float:
+        return lora_scale(self.cfg.adapter.alpha, rank, self.cfg.adapter.rslora)
+
+    def check_ranks(self, ranks: list[int]) -> None:
+        if len(set(ranks)) > 1 and not self.method.MIXED_RANKS:
+            raise ConfigError(
+                f"strategy={self.name} cannot aggregate clients of different ranks {sorted(set(ranks))}; "
+                "give every client the same rank or use ffa, fedex, flora, fedsb or hetlora"
+            )
+
     def num_to_sample(self, available: int) -> int:
-        return min(available, max(self.cfg.min_clients, math.ceil(self.cfg.fraction_train * available)))
+        s = self.cfg.strategy
+        return min(available, max(s.min_clients, math.ceil(s.fraction_train * available)))
 
-    def sample(self, node_ids: list[int], rng: random.Random) -> list[int]:
-        """Sampled node ids for a round (sorted, so messages go out in a stable order)."""
-        return sorted(rng.sample(sorted(node_ids), self.num_to_sample(len(node_ids))))
+    def sample(self, nodes: list[NodeInfo], rng: random.Random) -> list[NodeInfo]:
+        """Sampled nodes, by partition id, so a seed picks the same clients on every run."""
+        ordered = sorted(nodes, key=lambda n: n.partition_id)
+        return sorted(rng.sample(ordered, self.num_to_sample(len(ordered))), key=lambda n: n.partition_id)
 
-    def train_config(self, round_index: int, num_rounds: int) -> dict:
-        return {"round": round_index, "num_rounds": num_rounds, "strategy": self.cfg.name}
+    def initial_state(self, adapter: AdapterState, min_rank: int) -> GlobalState:
+        """The round-0 state from the server model's freshly initialised rank-r_max adapter."""
+        extras = {"seed": self.cfg.adapter.init_seed, "min_rank": min_rank,
+                  "lorafair_lambda": self.cfg.strategy.lorafair_lambda}
+        if self.name != "fedsb":
+            return GlobalState(adapter=adapter, extras=extras)
+        # Fed-SB: a data-free orthonormal frame per layer, drawn from (seed, layer); R₀ = 0.
+        frame = {}
+        for name, f in adapter.items():
+            d_out, d_in, r = f.B.shape[0], f.A.shape[1], f.rank
+            frame[name] = data_free_frame(d_out, d_in, r, generator=layer_generator(self.cfg.adapter.init_seed, name))
+        rank = next(iter(adapter.values())).rank
+        return self.method.initial_state(frame, self.scale(rank), **extras)
 
-    def check_update(self, update: AdapterState, reference: AdapterState) -> str | None:
+    def frame_for(self, state: GlobalState, rank: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+        """A rank-``rank`` client's slice of the Fed-SB frame (None for other methods)."""
+        if "sb_frame" not in state.extras:
+            return None
+        return {n: (f["B"][:, :rank].contiguous(), f["A"][:rank].contiguous()) for n, f in state.extras["sb_frame"].items()}
+
+    def start_for(self, state: GlobalState, rank: int) -> AdapterState:
+        """The adapter a rank-``rank`` client starts its round from."""
+        slicer = getattr(self.method, "slice_for_rank", None)
+        if slicer is None:
+            return state.adapter
+        return slicer(state, rank, scale=self.scale(rank))
+
+    def check_update(self, update: AdapterState, start: AdapterState) -> str | None:
         """Why a client's update must be rejected, or None when it is fit to aggregate."""
-        if set(update) != set(reference):
-            return f"layers differ from the global adapter ({len(update)} vs {len(reference)})"
+        if set(update) != set(start):
+            return f"layers differ from the ones it was sent ({len(update)} vs {len(start)})"
         for name, f in update.items():
-            ref = reference[name]
+            ref = start[name]
             if f.A.shape != ref.A.shape or f.B.shape != ref.B.shape:
-                return f"{name}: shapes A{tuple(f.A.shape)} B{tuple(f.B.shape)} ≠ global A{tuple(ref.A.shape)}"
+                return f"{name}: shapes A{tuple(f.A.shape)} B{tuple(f.B.shape)} ≠ sent A{tuple(ref.A.shape)}"
             if not (torch.isfinite(f.A).all() and torch.isfinite(f.B).all()):
                 return f"{name}: non-finite values"
         return None
 
-    def aggregate(self, state: GlobalState, updates: list[AdapterState], weights: list[float]) -> GlobalState:
-        return self.method.aggregate(state, updates, weights)
+    def accumulator(self, state: GlobalState):
+        if hasattr(self.method, "accumulator"):
+            return _StreamingAccumulator(self.method, state)
+        return _ListAccumulator(self.method, state)
+
+    def lift(self, state: GlobalState, update: AdapterState) -> AdapterState:
+        """A client update as ordinary LoRA factors (Fed-SB cores → s·B·R·A), for ΔW*."""
+        lifter = getattr(self.method, "lift_updates", None)
+        return lifter(state, [update])[0] if lifter else update
+
+
+class IdealAccumulator:
+    """Streaming ΔW* = Σ p_i·s_i·B_i·A_i in float64, one dense sum per layer."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.total = 0.0
+
+    def add(self, update: AdapterState, weight: float) -> None:
+        for name, f in update.items():
+            d = weight * f.delta(torch.float64)
+            self.sums[name] = self.sums[name] + d if name in self.sums else d
+        self.total += weight
+
+    def result(self) -> dict[str, torch.Tensor]:
+        if self.total <= 0:
+            raise AggregationError("no updates")
+        return {n: s / self.total for n, s in self.sums.items()}
 
 
 def make_strategy(cfg: FedloraConfig) -> LoraStrategy:
-    """The strategy named by ``cfg.strategy.name``, checked against the run's client ranks."""
+    """The strategy named by ``cfg.strategy.name``, checked against the configured client ranks."""
     name = cfg.strategy.name
     if name not in AGGREGATORS:
         raise ConfigError(f"strategy={name!r} is unknown; choose one of {', '.join(sorted(AGGREGATORS))}")
-    method = AGGREGATORS[name]
-    if len(set(cfg.client_ranks)) > 1 and not method.MIXED_RANKS:
-        raise ConfigError(
-            f"strategy={name} cannot aggregate clients of different ranks (client_ranks={cfg.client_ranks}); "
-            "give every client the same rank or pick a strategy that supports mixed ranks"
-        )
-    return LoraStrategy(cfg.strategy, method)
+    strategy = LoraStrategy(cfg, AGGREGATORS[name])
+    if cfg.client_ranks:
+        strategy.check_ranks(cfg.client_ranks)
+    if name in ADAPTER_KIND and cfg.adapter.kind not in ("lora", ADAPTER_KIND[name]):
+        raise ConfigError(f"strategy={name} trains adapter.kind={ADAPTER_KIND[name]}; remove adapter.kind={cfg.adapter.kind}")
+    return strategy
+
+
+__all__ = ["IdealAccumulator", "LoraStrategy", "NodeInfo", "make_strategy", "normalize_weights"]

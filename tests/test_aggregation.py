@@ -59,7 +59,8 @@ def _ffa_round(ranks, weights, seed=0):
     g = torch.Generator().manual_seed(seed)
     r_max = max(ranks)
     shared = {n: torch.randn(r_max, di, generator=g) for n, (_, di) in SHAPES.items()}
-    before = GlobalState({n: LoraFactors(shared[n], torch.zeros(do, r_max), scale(r_max)) for n, (do, _) in SHAPES.items()})
+    before = GlobalState({n: LoraFactors(shared[n], torch.zeros(do, r_max), scale(r_max))
+                          for n, (do, _) in SHAPES.items()})
     updates = [
         {n: LoraFactors(shared[n][:r].clone(), torch.randn(do, r, generator=g), scale(r))  # A stays the shared A
          for n, (do, _) in SHAPES.items()}
@@ -84,11 +85,10 @@ def _fedsb_round(ranks, weights, seed=0, before=None):
     frame = _frame(max(ranks), seed + 100)
     before = before or fedsb.initial_state(frame, scale(max(ranks)))
     updates = _cores(ranks, seed)
-    B = {n: f["B"].double() for n, f in ((n, before.extras["sb_frame"][n]) for n in SHAPES)}
-    A = {n: before.extras["sb_frame"][n]["A"].double() for n in SHAPES}
-    deltas = [
-        {n: f.scale * B[n][:, : f.rank] @ f.A.double() @ A[n][: f.rank] for n, f in u.items()} for u in updates
-    ]
+    B = {n: fr["B"].double() for n, fr in before.extras["sb_frame"].items()}
+    A = {n: fr["A"].double() for n, fr in before.extras["sb_frame"].items()}
+    # a rank-r client's update s·B[:, :r]·R·A[:r] (nested frame), with R = core.A since core.B = I
+    deltas = [{n: f.scale * B[n][:, : f.rank] @ f.A.double() @ A[n][: f.rank] for n, f in u.items()} for u in updates]
     return before, updates, deltas, fedsb.aggregate(before, updates, weights)
 
 

@@ -22,8 +22,10 @@ from fedlora.privacy.accounting import (
     epsilon_rdp,
     load_state,
     most_spent,
+    persist_client_state,
     plan_example_level,
     privacy_spent,
+    restore_client_state,
     save_state,
 )
 from fedlora.privacy.budget import check_round_budget, require_affordable_start
@@ -94,6 +96,13 @@ def test_state_files_and_the_env_override(tmp_path):
     assert path == tmp_path / "client-0.json"
     assert load_state(path) is None
     assert most_spent(small, None, big) is big and most_spent(None).history == []
+    with pytest.MonkeyPatch.context() as mp:  # the client's two helpers: disk copy + context.state copy
+        mp.delenv("FEDLORA_PRIVACY_DIR", raising=False)
+        context_json = persist_client_state(small, tmp_path, 7)
+        assert restore_client_state(context_json, tmp_path, 7).history == small.history
+        save_state(big, client_state_path(tmp_path, 7))  # e.g. a newer file than the context copy
+        assert restore_client_state(context_json, tmp_path, 7).history == big.history
+        assert restore_client_state(None, tmp_path, 8).history == []
     with pytest.raises(PrivacyError, match="version"):
         AccountantState.from_dict({"version": 99})
     with pytest.raises(PrivacyError, match="out of range"):

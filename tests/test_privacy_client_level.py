@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fedlora.adapters.state import LoraFactors
-from fedlora.aggregation import fedavg, ffa, fedsb
+from fedlora.aggregation import fedavg, fedsb, ffa
 from fedlora.aggregation.common import GlobalState
 from fedlora.config import DPConfig
 from fedlora.privacy.accounting import AccountantState, epsilon_rdp

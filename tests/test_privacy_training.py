@@ -16,6 +16,7 @@ from fedlora.privacy.dp_training import (
     clipped_gradient_sum,
     noisy_mean,
     per_example_losses,
+    private_dense_gradient,
     train_local_dp,
 )
 from fedlora.privacy.grad_samplers import GradSampleCollector
@@ -72,7 +73,7 @@ def test_per_example_gradients_match_a_per_example_loop(tokenizer, kind, quant):
         loop.append([p.grad.clone() for p in params])
     # Assert
     assert len(params) == {"lora": 28, "frozen_a": 14, "sb": 14}[kind]
-    for j, p in enumerate(params):
+    for j in range(len(params)):
         reference = torch.stack([g[j] for g in loop])
         assert reference.abs().max() > 1e-4  # the gradient is not trivially zero
         assert (batched[j] - reference).abs().max() < TOL
@@ -225,3 +226,52 @@ def test_bad_input_fails_before_any_training(tokenizer):
         train_local_dp(model, examples, TrainConfig(batch_size=2),
                        DPConfig(mode="example", noise_multiplier=1.0, delta=0.2), **kwargs)  # fmt: skip
     assert all(torch.equal(before[n].B, get_adapter_state(model)[n].B) for n in before)
+
+
+def test_private_fedsb_init_gradient_is_the_clipped_dense_gradient_and_is_charged(tokenizer):
+    # Prepare: q = 1 (batch = N) and σ = 0, so Ĝ = Σ_i clip_C(∇_W ℓ_i) / N exactly; C below the norms
+    model = _adapted(tokenizer, "lora")
+    examples, clip = _examples(tokenizer), 0.05
+    n = len(examples)
+    train = TrainConfig(local_steps=3, batch_size=n)
+    # Execute
+    estimate, result, state = private_dense_gradient(
+        model, examples, train, DPConfig(mode="example", noise_multiplier=0.0, max_grad_norm=clip, physical_batch_size=4),
+        pad_id=0, num_rounds=2, accountant_state=None, dp_seed=0,
+    )  # fmt: skip
+    # ... reference: each example alone, with the base weights made trainable for plain autograd
+    modules = adapter_modules(model)
+    for m in modules.values():
+        m.base.weight.requires_grad_(True)
+    per_example = []
+    for ex in examples:
+        for m in modules.values():
+            m.base.weight.grad = None
+        per_example_losses(model, collate([ex], 0))[0].sum().backward()
+        per_example.append({name: m.base.weight.grad.clone() for name, m in modules.items()})
+    norms = torch.stack([sum(g.pow(2).sum() for g in pe.values()).sqrt() for pe in per_example])
+    factors = clip_factors(norms, clip)
+    # Assert
+    assert norms.min() > clip and set(estimate) == set(modules)
+    for name in modules:
+        reference = sum(f * pe[name] for f, pe in zip(factors, per_example, strict=True)) / n
+        assert (estimate[name] - reference).abs().max() < 1e-6 * max(1.0, float(reference.abs().max()))
+    assert state.history == [[0.0, 1.0, 1]] and state.rounds[0]["phase"] == "fedsb_init" and result.dp_steps == 1
+
+
+def test_private_fedsb_init_counts_in_the_calibration_of_the_training_rounds(tokenizer):
+    # Prepare
+    model = _adapted(tokenizer, "lora")
+    examples = _examples(tokenizer)
+    train, dp = TrainConfig(local_steps=2, batch_size=1), DPConfig(mode="example", target_epsilon=8.0)  # q = 1/6
+    # Execute: init (1 step), then a training round from the state it returned
+    _, _, state = private_dense_gradient(model, examples, train, dp, pad_id=0, num_rounds=2, accountant_state=None, dp_seed=0)
+    _, again, same = private_dense_gradient(model, examples, train, dp, pad_id=0, num_rounds=2, accountant_state=state,
+                                            charge=False, dp_seed=0)  # fmt: skip
+    result, final = train_local_dp(model, examples, train, dp, pad_id=0, round_index=1, num_rounds=2, seed=0,
+                                   accountant_state=state, dp_seed=1)  # fmt: skip
+    # Assert: σ was calibrated once over 2 rounds × 2 steps + 1 init step, and reused
+    assert state.calibration["planned_steps"] == 5 and final.calibration == state.calibration
+    assert final.history == [[state.sigma, 1 / 6, 3]] and result.sigma == state.sigma
+    assert same.history == state.history and again.dp_steps == 0  # a recomputation is not charged twice
+    assert epsilon_rdp([[state.sigma, 1 / 6, 5]], 1e-5)[0] == pytest.approx(8.0, abs=0.01)

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,16 +16,10 @@ TINY = ["model=tiny", "dataset.max_length=96", "eval.max_examples=16", "eval.cli
         "train.local_steps=6", "train.lr=0.01", "train.batch_size=4"]
 
 
-def fedlora(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, RAY_DEDUP_LOGS="0", TOKENIZERS_PARALLELISM="false")
-    return subprocess.run([sys.executable, "-m", "fedlora.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
-
-
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
+def run_dir(tmp_path_factory, run_cli) -> Path:
     out = tmp_path_factory.mktemp("sim") / "run"
-    proc = fedlora("simulate", *TINY, "num_rounds=2", "num_clients=2", f"hydra.run.dir={out}", cwd=out.parent)
+    proc = run_cli("simulate", *TINY, "num_rounds=2", "num_clients=2", f"hydra.run.dir={out}", cwd=out.parent)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return out
 
@@ -83,8 +74,8 @@ def test_final_adapter_loads_in_peft_and_improves_the_base(run_dir):
         ("num_clients=2000", "2000"),
     ],
 )
-def test_bad_input_fails_before_the_simulation_starts(tmp_path, override, message):
-    proc = fedlora("simulate", "model=tiny", override, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+def test_bad_input_fails_before_the_simulation_starts(tmp_path, run_cli, override, message):
+    proc = run_cli("simulate", "model=tiny", override, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert proc.returncode != 0
     assert message in proc.stdout + proc.stderr
     assert "Starting" not in proc.stdout + proc.stderr  # no Ray/Flower start-up happened

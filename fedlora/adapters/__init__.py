@@ -9,11 +9,13 @@ from fedlora.adapters.inject import (
     trainable_parameters,
 )
 from fedlora.adapters.lora import AdapterError, LoRALinear, lora_scale
+from fedlora.adapters.sb import SBLinear
 from fedlora.adapters.state import AdapterState, LoraFactors, arrays_to_state, state_to_arrays
 
 ADAPTERS: dict[str, type[LoRALinear]] = {
     "lora": LoRALinear,
     "frozen_a": FrozenALoRALinear,
+    "sb": SBLinear,
 }
 
 
@@ -32,6 +34,7 @@ __all__ = [
     "FrozenALoRALinear",
     "LoRALinear",
     "LoraFactors",
+    "SBLinear",
     "adapter_class",
     "adapter_modules",
     "arrays_to_state",

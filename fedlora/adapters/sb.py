@@ -20,8 +20,8 @@ How it maps onto :class:`~fedlora.adapters.state.LoraFactors`: the adapter's ``l
 ``s·frame_B·(core.B·core.A)·frame_A``. The generic machinery (``inject_adapters``,
 ``get/set_adapter_state``, ``trainable_parameters``, merge) therefore handles SB unchanged, and the
 server, which holds the frame, lifts a core to a dense-meaningful update (``fedsb.lift_updates``).
-The generic wire format sends the identity too (2r² per layer); :func:`core_to_arrays` is the
-R-only wire format (r² per layer).
+On the wire a core travels as R alone, r² numbers per layer
+(``state_to_arrays(state, parts=("R",))``, read back as ``LoraFactors(A=R, B=I)``).
 
 Mixed ranks: the frame is nested (the first r columns of B / rows of A are the rank-r frame), so
 a rank-r client must load the first r columns/rows of the server's r_max frame
@@ -30,12 +30,10 @@ a rank-r client must load the first r columns/rows of the server's r_max frame
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
 from fedlora.adapters.lora import AdapterError, LoRALinear
-from fedlora.adapters.state import AdapterState, LoraFactors
 
 
 def data_free_frame(
@@ -133,30 +131,3 @@ def set_sb_frame(model: nn.Module, frame: dict[str, tuple[torch.Tensor, torch.Te
         if B.shape[1] < r:
             raise AdapterError(f"{name}: the frame has rank {B.shape[1]}, the layer rank {r}")
         modules[name].set_frame(B[:, :r], A[:r])
-
-
-def core_to_arrays(state: AdapterState) -> dict[str, np.ndarray]:
-    """R-only wire format: ``{layer}.lora_R`` (r, r) and ``{layer}.scale``; r² numbers per layer."""
-    out: dict[str, np.ndarray] = {}
-    for name, f in state.items():
-        out[f"{name}.lora_R"] = (f.B @ f.A).detach().to("cpu", torch.float32).numpy()
-        out[f"{name}.scale"] = np.asarray(f.scale, dtype=np.float32)
-    return out
-
-
-def arrays_to_core(arrays: dict[str, np.ndarray]) -> AdapterState:
-    """Inverse of :func:`core_to_arrays`: cores ``LoraFactors(A=R, B=I, scale)``."""
-    state: AdapterState = {}
-    for key in sorted(arrays):
-        if key.endswith(".scale"):
-            continue
-        if not key.endswith(".lora_R"):
-            raise AdapterError(f"unexpected SB key {key!r}; keys end in .lora_R or .scale")
-        name = key[: -len(".lora_R")]
-        R = arrays[key]
-        if R.ndim != 2 or R.shape[0] != R.shape[1]:
-            raise AdapterError(f"SB layer {name!r}: R has shape {R.shape}, expected (r, r)")
-        if f"{name}.scale" not in arrays:
-            raise AdapterError(f"SB layer {name!r} lacks '{name}.scale'")
-        state[name] = LoraFactors(torch.from_numpy(np.array(R)), torch.eye(R.shape[0]), float(arrays[f"{name}.scale"]))
-    return state

@@ -34,39 +34,73 @@ class LoraFactors(NamedTuple):
 
 AdapterState = dict[str, LoraFactors]
 
-_SUFFIXES = (".lora_A", ".lora_B", ".scale")
+_SUFFIXES = (".lora_A", ".lora_B", ".lora_R", ".scale")
+
+PARTS = ("A", "B", "R")
+"""What a payload may carry per layer: the factors A and B, or only the r×r core R of a B·R·A
+adapter (whose state is ``LoraFactors(A=R, B=I)``, see :mod:`fedlora.adapters.sb`)."""
 
 
-def state_to_arrays(state: AdapterState) -> dict[str, np.ndarray]:
-    """Flatten to fp32 numpy arrays keyed ``{layer}.lora_A`` / ``.lora_B`` / ``.scale``."""
+def state_to_arrays(state: AdapterState, parts: tuple[str, ...] = ("A", "B")) -> dict[str, np.ndarray]:
+    """Flatten to fp32 numpy arrays keyed ``{layer}.lora_A`` / ``.lora_B`` / ``.lora_R`` / ``.scale``.
+
+    ``parts`` selects what travels: ``("B",)`` for a frozen shared A (FFA-LoRA), ``("R",)`` for a
+    core (Fed-SB); the receiver fills the rest from an adapter it already has (``like``).
+    """
+    if not set(parts) <= set(PARTS) or ("R" in parts and len(parts) > 1):
+        raise AdapterError(f"payload parts {parts} must be a subset of (A, B), or (R,) alone")
     out: dict[str, np.ndarray] = {}
     for name, f in state.items():
-        out[f"{name}.lora_A"] = f.A.detach().to("cpu", torch.float32).numpy()
-        out[f"{name}.lora_B"] = f.B.detach().to("cpu", torch.float32).numpy()
+        if "R" in parts:
+            out[f"{name}.lora_R"] = (f.B.detach().double() @ f.A.detach().double()).float().cpu().numpy()
+        if "A" in parts:
+            out[f"{name}.lora_A"] = f.A.detach().to("cpu", torch.float32).numpy()
+        if "B" in parts:
+            out[f"{name}.lora_B"] = f.B.detach().to("cpu", torch.float32).numpy()
         out[f"{name}.scale"] = np.asarray([f.scale], dtype=np.float32)
     return out
 
 
-def arrays_to_state(arrays: dict[str, np.ndarray]) -> AdapterState:
-    """Inverse of :func:`state_to_arrays`; raises :class:`AdapterError` on a malformed payload."""
+def arrays_to_state(arrays: dict[str, np.ndarray], like: AdapterState | None = None) -> AdapterState:
+    """Inverse of :func:`state_to_arrays`; factors a payload leaves out come from ``like``.
+
+    Raises :class:`AdapterError` on a malformed payload (stray keys, missing parts, shapes that
+    do not chain).
+    """
     names = {k.rsplit(".", 1)[0] for k in arrays if k.endswith(_SUFFIXES)}
     stray = sorted(k for k in arrays if not k.endswith(_SUFFIXES))
     if stray:
         raise AdapterError(f"unexpected adapter keys {stray[:3]}; keys must end in {_SUFFIXES}")
     state: AdapterState = {}
     for name in sorted(names):
-        try:
-            a, b, s = (arrays[f"{name}{suffix}"] for suffix in _SUFFIXES)
-        except KeyError as missing:
-            raise AdapterError(f"adapter layer {name!r} lacks {missing.args[0]!r}") from None
-        if a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0]:
-            raise AdapterError(
-                f"adapter layer {name!r} has inconsistent shapes A{a.shape} B{b.shape}; "
-                "expected A (r, d_in) and B (d_out, r)"
-            )
+        if f"{name}.scale" not in arrays:
+            raise AdapterError(f"adapter layer {name!r} lacks '{name}.scale'")
+        s = arrays[f"{name}.scale"]
         if np.size(s) != 1:
             raise AdapterError(f"adapter layer {name!r} has a scale of shape {np.shape(s)}; expected one number")
-        state[name] = LoraFactors(torch.from_numpy(np.array(a)), torch.from_numpy(np.array(b)), float(np.ravel(s)[0]))
+        scale = float(np.ravel(s)[0])
+        if f"{name}.lora_R" in arrays:
+            R = torch.from_numpy(np.array(arrays[f"{name}.lora_R"]))
+            if R.ndim != 2 or R.shape[0] != R.shape[1]:
+                raise AdapterError(f"adapter layer {name!r}: core R must be square, got {tuple(R.shape)}")
+            state[name] = LoraFactors(R, torch.eye(R.shape[0]), scale)
+            continue
+        factors = []
+        for part in ("A", "B"):
+            key = f"{name}.lora_{part}"
+            if key in arrays:
+                factors.append(torch.from_numpy(np.array(arrays[key])))
+            elif like is not None and name in like:
+                factors.append(getattr(like[name], part))
+            else:
+                raise AdapterError(f"adapter layer {name!r} lacks {key!r}")
+        a, b = factors
+        if a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0]:
+            raise AdapterError(
+                f"adapter layer {name!r} has inconsistent shapes A{tuple(a.shape)} B{tuple(b.shape)}; "
+                "expected A (r, d_in) and B (d_out, r)"
+            )
+        state[name] = LoraFactors(a, b, scale)
     return state
 
 

@@ -4,7 +4,7 @@ No Flower, no I/O, no device choices here (HOUSE_STYLE §1). One module per meth
 below is the only place that lists them.
 """
 
-from fedlora.aggregation import fedavg
+from fedlora.aggregation import fedavg, fedex, fedsb, ffa, flora, hetlora, lorafair
 from fedlora.aggregation.common import (
     AggregationError,
     GlobalState,
@@ -16,6 +16,12 @@ from fedlora.aggregation.common import (
 
 AGGREGATORS = {
     "fedavg": fedavg,
+    "ffa": ffa,
+    "fedex": fedex,
+    "flora": flora,
+    "fedsb": fedsb,
+    "lorafair": lorafair,
+    "hetlora": hetlora,
 }
 
 __all__ = [

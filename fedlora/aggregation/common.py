@@ -49,7 +49,7 @@ class GlobalState:
     """
 
     adapter: AdapterState
-    base_terms: dict[str, list[LoraFactors]] = field(default_factory=dict)
+    base_terms: dict[str, list[LoraFactors | DenseTerm]] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
     """Method-specific state (e.g. a LoRA-FAIR λ, Fed-SB factors), checkpointed with the rest."""
 

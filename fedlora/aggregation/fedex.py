@@ -62,8 +62,8 @@ def aggregate_layer(
     b_bar = torch.zeros(d_out, r_max, dtype=torch.float64)
     for f, p_i in zip(factors, p, strict=True):
         r = padding.rank_of(f)
-        a_bar[:r].add_(f.A.to(torch.float64), alpha=p_i)
-        b_bar[:, :r].add_(f.B.to(torch.float64), alpha=p_i * f.scale / scale)
+        a_bar[:r].add_(f.A, alpha=p_i)
+        b_bar[:, :r].add_(f.B, alpha=p_i * f.scale / scale)
     b_bar[:, floor:] = 0  # folded into R below: s_g·B̄_kept·Ā + R = ΔW* all the same
     a32, b32 = a_bar.to(torch.float32), b_bar.to(torch.float32)
 

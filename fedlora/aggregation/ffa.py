@@ -86,7 +86,7 @@ class FFAAccumulator:
             r = f.A.shape[0]
             s = self._sum_B.get(name)
             s = f.B.new_zeros(f.B.shape[0], r, dtype=torch.float64) if s is None else padding.pad_cols(s, r)
-            s[:, :r].add_(f.B.to(torch.float64), alpha=weight * f.scale)
+            s[:, :r].add_(f.B, alpha=weight * f.scale)  # fp32 → fp64 in place, no temporary
             self._sum_B[name] = s
             if name not in self._top or r > self._top[name][0]:
                 self._top[name] = (r, f.scale)

@@ -66,8 +66,8 @@ class HetLoRAAccumulator:
             else:
                 sum_A = torch.zeros(r, f.A.shape[1], dtype=torch.float64)
                 sum_B = torch.zeros(f.B.shape[0], r, dtype=torch.float64)
-            sum_A[:r].add_(f.A.to(torch.float64), alpha=q)
-            sum_B[:, :r].add_(f.B.to(torch.float64), alpha=q * f.scale)
+            sum_A[:r].add_(f.A, alpha=q)
+            sum_B[:, :r].add_(f.B, alpha=q * f.scale)
             self._sums[name] = (sum_A, sum_B)
             self._total[name] = self._total.get(name, 0.0) + q
             if name not in self._top or r > self._top[name][0]:

@@ -23,18 +23,32 @@ from fedlora.privacy.accounting import (
     default_delta,
     load_state,
     most_spent,
+    persist_client_state,
     privacy_spent,
+    restore_client_state,
     save_state,
 )
 from fedlora.privacy.budget import BudgetDecision, check_round_budget
 from fedlora.privacy.client_level import (
     ClientLevelDPError,
+    account_round,
     check_client_level_strategy,
     check_secure_aggregation,
+    client_level_noise,
+    client_level_spent,
+    noise_generator,
     privatize_round,
 )
-from fedlora.privacy.dp_training import DPTrainResult, train_local_dp
-from fedlora.privacy.ledger import append_entry, example_entry, read_ledger, run_entry, worst_epsilon
+from fedlora.privacy.dp_training import DPTrainResult, private_dense_gradient, train_local_dp
+from fedlora.privacy.ledger import (
+    append_entry,
+    client_level_entry,
+    example_entry,
+    read_ledger,
+    restore_client_level_state,
+    run_entry,
+    worst_epsilon,
+)
 from fedlora.privacy.report import privacy_report_main, write_privacy_report
 
 __all__ = [
@@ -47,22 +61,32 @@ __all__ = [
     "PrivacyConfigError",
     "PrivacyError",
     "PrivacySpent",
+    "account_round",
     "append_entry",
     "calibrate_noise",
     "check_client_level_strategy",
     "check_round_budget",
     "check_secure_aggregation",
+    "client_level_entry",
+    "client_level_noise",
+    "client_level_spent",
     "client_state_path",
     "default_delta",
     "example_entry",
     "load_state",
     "most_spent",
+    "noise_generator",
+    "persist_client_state",
     "privacy_report_main",
     "privacy_spent",
+    "private_dense_gradient",
     "privatize_round",
     "read_ledger",
+    "restore_client_level_state",
+    "restore_client_state",
     "run_entry",
     "save_state",
     "train_local_dp",
     "worst_epsilon",
+    "write_privacy_report",
 ]

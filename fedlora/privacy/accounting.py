@@ -277,14 +277,16 @@ def plan_example_level(
     num_examples: int,
     num_rounds: int,
     state: AccountantState,
-    extra_planned_steps: int = 0,
+    extra_planned_steps: int | None = None,
 ) -> ExamplePlan:
     """Validate the DP settings against this client's data and history; fix q, δ and σ.
 
     σ: ``dp.noise_multiplier``, or calibrated for ``dp.target_epsilon`` over
     ``num_rounds × train.local_steps + extra_planned_steps`` steps (a client that takes part in
     every round ends at the target; one sampled less often ends below it). A calibrated σ is kept in
-    ``state`` and reused while the calibration inputs are unchanged.
+    ``state`` and reused while the calibration inputs are unchanged. ``extra_planned_steps``
+    (default: the steps of the non-training phases already in ``state``, i.e. a private Fed-SB
+    init) counts steps outside the rounds' local training.
 
     Raises :class:`PrivacyConfigError` for a dataset too small for the logical batch (q > 1), a δ
     of 1/N_k or more, gradient accumulation under Poisson sampling, a δ changed mid-run, a target
@@ -326,6 +328,8 @@ def plan_example_level(
             f"this client's accountant was started at δ={state.delta:g} but dp.delta={delta:g} now; "
             "δ is fixed for a run (ε is reported at one δ): restore dp.delta or start a new run"
         )
+    if extra_planned_steps is None:
+        extra_planned_steps = sum(int(r["steps"]) for r in state.rounds if r.get("phase", "train") != "train")
     planned = num_rounds * train.local_steps + extra_planned_steps
     calibration = None
     if dp.noise_multiplier is not None:
@@ -399,3 +403,18 @@ def most_spent(*states: AccountantState | None) -> AccountantState:
     if not present:
         return AccountantState()
     return max(present, key=lambda s: (s.total_steps, len(s.rounds)))
+
+
+def restore_client_state(context_json: str | None, run_dir: str | Path, partition_id: int | str) -> AccountantState:
+    """A client's accountant at the start of a round: the copy in Flower's ``context.state`` (same
+    process) or the file (after a restart, :func:`client_state_path`), whichever has seen more."""
+    in_context = AccountantState.from_json(context_json) if context_json else None
+    return most_spent(in_context, load_state(client_state_path(run_dir, partition_id)))
+
+
+def persist_client_state(state: AccountantState, run_dir: str | Path, partition_id: int | str) -> str:
+    """Save the state to disk (atomically) and return its JSON for ``context.state``. Call it
+    *before* replying: an update released without its privacy cost on record would be forgotten
+    by a restart."""
+    save_state(state, client_state_path(run_dir, partition_id))
+    return state.to_json()

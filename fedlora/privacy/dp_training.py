@@ -37,9 +37,15 @@ from torch import nn
 from fedlora.adapters import trainable_parameters
 from fedlora.config import DPConfig, TrainConfig
 from fedlora.data import IGNORE_INDEX, collate
-from fedlora.privacy.accounting import AccountantState, ExamplePlan, plan_example_level, privacy_spent
+from fedlora.privacy.accounting import (
+    AccountantState,
+    BudgetSpentError,
+    ExamplePlan,
+    plan_example_level,
+    privacy_spent,
+)
 from fedlora.privacy.budget import check_round_budget, require_affordable_start
-from fedlora.privacy.grad_samplers import GradSampleCollector
+from fedlora.privacy.grad_samplers import AdapterTaps, GradSampleCollector, dense_sq_norms, dense_weighted_sum
 from fedlora.training import TrainResult, lr_multiplier, move
 from fedlora_kernels import linear_cross_entropy
 
@@ -327,3 +333,95 @@ def _result(plan: ExamplePlan, state: AccountantState, **fields) -> DPTrainResul
         dp_steps=fields["steps"], total_steps=state.total_steps, num_examples=plan.num_examples,
         accountant=spent.accountant, **fields,
     )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# the Fed-SB initialisation's gradient estimate, privatised
+
+
+def private_dense_gradient(
+    model: nn.Module,
+    examples: Sequence[dict[str, list[int]]],
+    train_cfg: TrainConfig,
+    dp_cfg: DPConfig,
+    *,
+    pad_id: int,
+    num_rounds: int,
+    accountant_state: AccountantState | dict | str | None,
+    steps: int = 1,
+    charge: bool = True,
+    dp_seed: int | None = None,
+) -> tuple[dict[str, torch.Tensor], DPTrainResult, AccountantState]:
+    """A private estimate of the full-weight gradient ∂L/∂W (d_out, d_in) of every adapted layer,
+    for the Fed-SB initialisation (:mod:`fedlora.fedsb_init`), which touches private data too.
+
+    Same mechanism as a DP-SGD step, on the dense weight gradients instead of the adapter's::
+
+        Ĝ = mean over ``steps`` Poisson(q) batches of (Σ_i clip_C(∇_W ℓ_i) + N(0, σ²C²)) / batch
+
+    where ∇_W ℓ_i = Σ_t g_itᵀ·x_it is clipped jointly over all adapted layers; its norm is found
+    without forming it (Gram matrices, :func:`~fedlora.privacy.grad_samplers.dense_sq_norms`). The
+    ``steps`` steps are charged to the accountant as round 0 (phase ``fedsb_init``) and counted in
+    σ's calibration, so the init and the training rounds together end at ``dp.target_epsilon``.
+
+    The sketches the init sends (Y_i = Ĝ·Ω, then Z_i = Qᵀ·Ĝ) are post-processing of this one Ĝ:
+    keep Ĝ between the two passes (or call again with the same secret ``dp_seed`` and
+    ``charge=False``, which reproduces the same release); never draw fresh noise for pass 2.
+    """
+    state = AccountantState.coerce(accountant_state)
+    done = sum(int(r["steps"]) for r in state.rounds if r.get("phase", "train") != "train")
+    plan = plan_example_level(dp_cfg, train_cfg, num_examples=len(examples), num_rounds=num_rounds, state=state,
+                              extra_planned_steps=done + (steps if charge else 0))  # fmt: skip
+    if charge:
+        decision = check_round_budget(state.history, sigma=plan.sigma, q=plan.q, steps=steps, delta=plan.delta,
+                                      max_epsilon=dp_cfg.max_epsilon, accountant=plan.accountant)  # fmt: skip
+        require_affordable_start(decision, state.history)
+        if not decision.train:
+            raise BudgetSpentError(f"the Fed-SB initialisation cannot run: {decision.reason}")
+    params = trainable_parameters(model)
+    _check_params(model, params)
+    device = params[0].device
+    sampling_gen, noise_gen = private_generators(device, dp_seed)
+    captured: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def on_grad(name, _module, _x_tilde, x, g):  # the base weight sees x (no dropout)
+        captured.setdefault(name, []).append((x, g))
+
+    estimate: dict[str, torch.Tensor] = {}
+    loss_sum, tokens, seen = 0.0, 0, 0
+    start = time.perf_counter()
+    model.eval()  # no adapter dropout: the estimate is of the base weights' gradient
+    with AdapterTaps(model, on_grad) as taps:
+        summed = {n: torch.zeros(m.out_features, m.in_features, device=device) for n, m in taps.modules.items()}
+        for _ in range(steps):
+            for v in summed.values():
+                v.zero_()
+            batch = [examples[i] for i in poisson_sample(len(examples), plan.q, sampling_gen)]
+            for lo in range(0, len(batch), plan.physical_batch_size):
+                micro = batch[lo : lo + plan.physical_batch_size]
+                captured.clear()
+                with torch.enable_grad():
+                    losses, counts = per_example_losses(model, move(collate(micro, pad_id), device))
+                    losses.sum().backward()
+                for p in params:
+                    p.grad = None
+                sq = sum(dense_sq_norms(x, g) for calls in captured.values() for x, g in calls)  # (b,)
+                factors = clip_factors(sq.clamp(min=0).sqrt(), plan.clip)
+                for name, calls in captured.items():
+                    for x, g in calls:
+                        summed[name] += dense_weighted_sum(x, g, factors)
+                loss_sum += float((losses.detach() * counts).sum())
+                tokens += int(counts.sum())
+                seen += len(micro)
+            for name, total in summed.items():
+                noise = torch.randn(total.shape, generator=noise_gen, dtype=NOISE_DTYPE, device=noise_gen.device)
+                private = (total + plan.sigma * plan.clip * noise.to(device)) / plan.batch_size
+                estimate[name] = estimate.get(name, 0) + private / steps
+    new_state = _with_plan(state, plan)
+    if charge:
+        new_state = new_state.composed(plan.sigma, plan.q, steps).with_round(
+            _round_entry(0, plan, steps, phase="fedsb_init")
+        )
+    result = _result(plan, new_state, loss=loss_sum / max(tokens, 1), steps=steps if charge else 0, examples=seen,
+                     tokens=tokens, seconds=time.perf_counter() - start)  # fmt: skip
+    return estimate, result, new_state

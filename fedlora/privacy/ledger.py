@@ -116,15 +116,29 @@ def example_entry(result: Any, state: AccountantState, *, round_index: int, clie
     }  # fmt: skip
 
 
-def client_level_entry(state: AccountantState, *, round_index: int, clip: float, clients: int, population: int,
-                       noise_std: float, epsilon: float | None) -> dict[str, Any]:  # fmt: skip
-    """The ``client_level`` entry for one server release."""
+def client_level_entry(state: AccountantState, *, round_index: int, clip: float, sampled: int, aggregated: int,
+                       population: int, noise_std: float, epsilon: float | None) -> dict[str, Any]:  # fmt: skip
+    """The ``client_level`` entry for one server release: ``sampled`` clients asked (q = sampled /
+    population, what the accountant uses), ``aggregated`` updates averaged (m in the noise z·C/m)."""
     return {
         "kind": "client_level", "round": int(round_index), "noise_multiplier": state.sigma, "clip": clip,
-        "clients": int(clients), "population": int(population), "q": clients / population,
-        "noise_std": noise_std, "delta": state.delta, "epsilon": _finite(epsilon),
+        "clients": int(sampled), "aggregated": int(aggregated), "population": int(population),
+        "q": sampled / population, "noise_std": noise_std, "delta": state.delta, "epsilon": _finite(epsilon),
         "history": [list(h) for h in state.history], "releases": state.total_steps,
     }  # fmt: skip
+
+
+def restore_client_level_state(run_dir: str | Path) -> AccountantState | None:
+    """The server's client-level accountant as the ledger last recorded it (resuming a run), or None."""
+    try:
+        entries = [e for e in read_ledger(run_dir) if e.get("kind") == "client_level"]
+    except PrivacyError:
+        return None
+    if not entries:
+        return None
+    last = max(entries, key=lambda e: sum(h[2] for h in e["history"]))
+    return AccountantState(history=[list(h) for h in last["history"]], delta=last["delta"],
+                           sigma=last["noise_multiplier"], num_examples=last["population"])  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

@@ -109,6 +109,7 @@ def _client_level_section(view: LedgerView, accountant: str) -> dict[str, Any] |
     return {
         "noise_multiplier": last.get("noise_multiplier"), "clip": last.get("clip"),
         "clients_per_round": sorted({e["clients"] for e in view.client_level}),
+        "aggregated_per_round": [e.get("aggregated", e["clients"]) for e in view.client_level],
         "population": last.get("population"), "releases": sum(int(h[2]) for h in last["history"]),
         "noise_std_last": last.get("noise_std"), "delta": delta,
         "epsilon": _num(eps["epsilon"]), "accountant": eps["accountant"], "epsilon_rdp": _num(eps["epsilon_rdp"]),

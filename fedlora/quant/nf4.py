@@ -141,7 +141,7 @@ class NF4Weight(QuantizedWeight):
         n = self.shape[0] * self.shape[1]
         levels = nf4_table(self.codes.device)[unpack_nibbles(self.codes, n).long()]  # (n,)
         absmax = self.absmax_fp32().repeat_interleave(BLOCK)[:n]
-        return (levels * absmax).view(self.shape)
+        return (levels * absmax).view(self.shape)  # the same single product as the kernels
 
     def tables(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         return {"levels": nf4_table(device), "absmax_levels": dynamic_map(device)}
