@@ -43,9 +43,10 @@ def test_every_round_is_aggregated_and_measured(runs, name):
 
 
 def test_bytes_follow_each_methods_payload(runs):
-    # Round 1, same rank-8 client (partition 1) in every run; per layer FedAvg sends r(d_in+d_out),
-    # FFA r·d_out, Fed-SB r²: so FFA < FedAvg and Fed-SB is far below both.
+    # Round-1 uplink of both clients. Per layer FedAvg sends r(d_in+d_out) numbers, FFA r·d_out,
+    # Fed-SB r². On the tiny model (d = 64…160) the fixed ~150 bytes of header and key per array
+    # weigh in, so the ratios are looser than the element counts (½ and r/d_out = 1/8).
     up = {name: rows[1]["bytes_up"] for name, rows in runs.items()}
     assert up["ffa"] < 0.6 * up["fedavg"]
-    assert up["fedsb"] < 0.2 * up["ffa"]
+    assert up["fedsb"] < 0.25 * up["ffa"]
     assert abs(up["lorafair"] - up["fedavg"]) / up["fedavg"] < 0.01
