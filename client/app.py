@@ -19,9 +19,19 @@ from fedlora.adapters.sb import set_sb_frame
 from fedlora.base_terms import apply_base_terms
 from fedlora.config import FedloraConfig, NodeSettings, config_from_run_config, node_settings
 from fedlora.evaluation import evaluate_loss
-from fedlora.messages import CONFIG, FRAME, PRIVACY, arrays_to_frame, from_array_record, read_train_content, reply_content
+from fedlora.messages import (
+    CONFIG,
+    FRAME,
+    PRIVACY,
+    arrays_to_frame,
+    from_array_record,
+    read_train_content,
+    reply_content,
+    to_array_record,
+)
 from fedlora.privacy import STATE_KEY, example_entry, persist_client_state, restore_client_state, train_local_dp
-from fedlora.training import train_local
+from fedlora.fedsb_init import client_projection, client_range_sketch, draw_sketch
+from fedlora.training import dense_gradients, train_local
 from fedlora.workspace import build_model, client_datasets, tokenize
 
 
@@ -64,6 +74,26 @@ def train_private(model, examples, cfg: FedloraConfig, node: NodeSettings, conte
     return result, {"metrics": result.metrics(), "entry": json.dumps(entry)}
 
 
+def sb_init_pass(cfg: FedloraConfig, train_ds, msg: Message, rc: dict) -> RecordDict:
+    """Fed-SB init: this client's gradient G_i on its first examples, sent only through thin
+    sketches, Y_i = G_i·Ω (pass 1) or Z_i = Qᵀ·G_i (pass 2). The same examples are used in both
+    passes, so G_i is the same matrix."""
+    model, tokenizer = build_model(cfg, kind="lora")
+    examples = tokenize(train_ds, tokenizer, cfg, limit=int(rc["n_examples"]))
+    grads = dense_gradients(model, examples, batch_size=cfg.train.batch_size, pad_id=tokenizer.pad_token_id)
+    if rc["query"] == "sb_sketch":
+        out = {}
+        for name, g in grads.items():
+            omega = draw_sketch(g.shape[1], min(int(rc["width"]), *g.shape), int(rc["seed"]))
+            out[name] = client_range_sketch(g, omega).numpy()
+    elif rc["query"] == "sb_project":
+        basis = from_array_record(msg.content["basis"])
+        out = {name: client_projection(g, torch.from_numpy(basis[name])).numpy() for name, g in grads.items()}
+    else:
+        raise ValueError(f"unknown query {rc['query']!r}")
+    return RecordDict({"sketch": to_array_record(out), "metrics": MetricRecord({"num-examples": len(examples)})})
+
+
 def client_seed(cfg: FedloraConfig, node: NodeSettings, round_index: int) -> int:
     return cfg.seed * 1_000_003 + round_index * 1_009 + node.partition_id
 
@@ -74,11 +104,14 @@ def make_client_app(cfg: FedloraConfig | None = None) -> ClientApp:
 
     @client_app.query()
     def query(msg: Message, context: Context) -> Message:
-        """Node discovery: partition, rank and data size, before the first round."""
+        """Node discovery (partition, rank, data size), or a pass of Fed-SB's init round."""
         run_cfg, node = _config(context, cfg)
         train_ds, _ = client_datasets(run_cfg, node.partition_id, node.num_partitions, node.data_path)
-        metrics = {"partition-id": node.partition_id, "rank": node.rank, "num-examples": len(train_ds)}
-        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+        rc = dict(msg.content[CONFIG])
+        if rc["query"] == "node-info":
+            metrics = {"partition-id": node.partition_id, "rank": node.rank, "num-examples": len(train_ds)}
+            return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+        return Message(sb_init_pass(run_cfg, train_ds, msg, rc), reply_to=msg)
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:

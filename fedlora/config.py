@@ -256,12 +256,22 @@ class StrategyConfig:
     """Seconds to wait for replies each round (None: wait for all)."""
     lorafair_lambda: float = 0.01
     """LoRA-FAIR's regulariser λ on the correction ΔB."""
+    fedsb_init: str = "federated"
+    """Fed-SB's frame: ``federated`` (an init round: clients' gradients through a shared random
+    sketch, two thin passes) or ``data_free`` (orthonormal frame from the adapter seed; used
+    automatically under DP, so the init touches no private data)."""
+    fedsb_init_examples: int = 32
+    """Examples per client for the init round's gradient estimate."""
+    fedsb_oversample: int = 8
 
     def __post_init__(self) -> None:
         if not 0.0 < self.fraction_train <= 1.0:
             raise ConfigError(f"strategy.fraction_train={self.fraction_train} must lie in (0, 1]")
         if self.min_clients < 1:
             raise ConfigError(f"strategy.min_clients={self.min_clients} must be at least 1")
+        if self.fedsb_init not in ("federated", "data_free"):
+            raise ConfigError(f"strategy.fedsb_init={self.fedsb_init!r} must be federated or data_free")
+
 
 
 @dataclass

@@ -109,3 +109,28 @@ def train_local(
         tokens=tokens,
         seconds=time.perf_counter() - start,
     )
+
+
+def dense_gradients(
+    model: nn.Module, examples: Sequence[dict[str, list[int]]], *, batch_size: int, pad_id: int
+) -> dict[str, torch.Tensor]:
+    """∂L/∂W of every adapted layer's frozen base weight, L the mean token loss over ``examples``
+    (in order). Used once by Fed-SB's federated initialisation; the base stays frozen afterwards.
+    Returns fp32 CPU tensors of shape (d_out, d_in)."""
+    from fedlora.adapters import adapter_modules
+
+    weights = {name: m.base.weight for name, m in adapter_modules(model).items()}
+    device = next(model.parameters()).device
+    total_tokens = sum(sum(label != -100 for label in e["labels"][1:]) for e in examples)
+    try:
+        for w in weights.values():
+            w.requires_grad_(True)
+        for start in range(0, len(examples), batch_size):
+            summed, _ = response_loss(model, move(collate(list(examples[start : start + batch_size]), pad_id), device))
+            (summed / max(total_tokens, 1)).backward()
+        return {name: w.grad.detach().float().cpu().clone() for name, w in weights.items()}
+    finally:
+        model.zero_grad(set_to_none=True)
+        for w in weights.values():
+            w.grad = None
+            w.requires_grad_(False)

@@ -13,7 +13,6 @@ import json
 import logging
 import random
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,23 +44,11 @@ from fedlora.peft_export import export_state, save_peft_adapter
 from fedlora.proto_io import write_global_adapter
 from fedlora.reporting import RunWriter
 from fedlora.workspace import build_model, load_splits, tokenize
+from fedlora_server.fedsb_round import federated_sb_init
 from fedlora_server.strategy import IdealAccumulator, LoraStrategy, NodeInfo, make_strategy
+from fedlora_server.transport import stream_replies
 
 log = logging.getLogger("fedlora")
-
-
-def stream_replies(grid: Grid, messages: list[Message], timeout: float | None) -> Iterator[Message]:
-    """Push ``messages`` and yield each reply as soon as it arrives (until ``timeout`` seconds)."""
-    pending = set(grid.push_messages(messages))
-    deadline = None if timeout is None else time.time() + timeout
-    while pending and (deadline is None or time.time() < deadline):
-        for reply in grid.pull_messages(pending):
-            pending.discard(reply.metadata.reply_to_message_id)
-            yield reply
-        if pending:
-            time.sleep(0.1)
-    if pending:
-        log.warning("%d client(s) did not reply within %.0f s (stragglers dropped)", len(pending), timeout)
 
 
 def discover(grid: Grid, strategy: LoraStrategy, needed: int, timeout: float = 300.0) -> list[NodeInfo]:
@@ -219,14 +206,22 @@ def run_server(grid: Grid, cfg: FedloraConfig, run_dir: str | Path) -> dict:
         return evaluate_loss(model, eval_examples, batch_size=cfg.eval.batch_size, pad_id=pad_id, progress=True).loss
 
     state = strategy.initial_state(get_adapter_state(model), min_rank=min(ranks))
+    init_cost: dict[str, int] = {}
+    if strategy.name == "fedsb" and cfg.strategy.fedsb_init == "federated" and cfg.dp.mode == "none":
+        print("fedlora: Fed-SB init round: gradient sketches from the clients …", flush=True)
+        state, init_cost = federated_sb_init(grid, strategy, state, nodes, min(ranks))
+        print(f"fedlora: Fed-SB init: {init_cost['init_bytes_up'] / 1e3:.1f} KB up, "
+              f"{init_cost['init_bytes_down'] / 1e3:.1f} KB down in all", flush=True)
     set_adapter_state(model, state.adapter)
     meta = {"run": writer.dir.name, "strategy": strategy.name, "base_model": cfg.model.name_or_path,
             "lora_alpha": cfg.adapter.alpha, "use_rslora": cfg.adapter.rslora}
     write_global_adapter(writer.dir, state, round=0, **meta)
     rng = random.Random(cfg.seed)
     frame_sent: set[int] = set()
-    writer.log_round({"round": 0, "strategy": strategy.name, "clients": 0, "train_loss": None,
-                      "eval_loss": server_eval(), "agg_error": None, "bytes_up": 0, "bytes_down": 0, "seconds": 0.0})
+    writer.log_round({"round": 0, "strategy": strategy.name, "clients": init_cost.get("init_clients", 0),
+                      "train_loss": None, "eval_loss": server_eval(), "agg_error": None,
+                      "bytes_up": init_cost.get("init_bytes_up", 0), "bytes_down": init_cost.get("init_bytes_down", 0),
+                      "seconds": 0.0, **init_cost})
 
     for rnd in range(1, cfg.num_rounds + 1):
         started = time.time()
@@ -253,7 +248,7 @@ def run_server(grid: Grid, cfg: FedloraConfig, run_dir: str | Path) -> dict:
 
     if not any(r.get("eval_loss") is not None for r in writer.rows[1:]):
         raise RuntimeError("no round got enough usable client replies; see the rejected replies logged above")
-    extra = {"strategy": strategy.name, "exact": strategy.exact, "model": cfg.model.name_or_path,
+    extra = {"strategy": strategy.name, "exact": strategy.exact, **init_cost, "model": cfg.model.name_or_path,
              "dataset": cfg.dataset.name, "device": str(device), "client_ranks": ranks}
     if cfg.eval.gsm8k_problems > 0:
         rows = held_out.select(range(min(cfg.eval.gsm8k_problems, len(held_out))))

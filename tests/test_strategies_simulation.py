@@ -50,3 +50,15 @@ def test_bytes_follow_each_methods_payload(runs):
     assert up["ffa"] < 0.6 * up["fedavg"]
     assert up["fedsb"] < 0.25 * up["ffa"]
     assert abs(up["lorafair"] - up["fedavg"]) / up["fedavg"] < 0.01
+
+
+def test_fedsb_init_round_is_cheap_and_starts_with_a_gradient_step(runs):
+    # The frame comes from the clients' gradients through a sketch of width r_max + 8 = 16:
+    # each client uploads 16·(d_out + d_in) numbers per layer instead of its dense d_out·d_in
+    # gradient (2 layers × q,k,v,o,gate,up,down of the tiny model: 86,016 numbers).
+    row0, base0 = runs["fedsb"][0], runs["fedavg"][0]
+    dense_bytes_per_client = 4 * 2 * (64 * 64 * 2 + 32 * 64 * 2 + 160 * 64 * 3)
+    assert row0["init_clients"] == 2
+    assert 0 < row0["init_bytes_up"] < 2 * dense_bytes_per_client
+    # R₀ = −(η/s)·Σ_r makes the start one (rank-r) step of full fine-tuning: the loss is lower
+    assert row0["eval_loss"] < base0["eval_loss"] - 0.1
