@@ -15,15 +15,18 @@ from fedlora.config import FedloraConfig
 from fedlora.data import load_records, split_train_eval, tokenize_dataset
 from fedlora.models import load_model
 from fedlora.partition import partition_dataset
+from fedlora.quant import quantize_model
 
 Examples = list[dict[str, list[int]]]
 
 
 def build_model(cfg: FedloraConfig, rank: int | None = None, kind: str | None = None):
     """The frozen base with adapters of ``kind`` (default ``cfg.adapter.kind``) and ``rank``
-    (default ``cfg.adapter.rank``) injected."""
+    (default ``cfg.adapter.rank``) injected, the adapted layers' base quantized per ``cfg.quant``
+    (the model's ``quant_report`` attribute says what that saved)."""
     model, tokenizer = load_model(cfg.model)
     inject_adapters(model, cfg.adapter, adapter_class(kind or cfg.adapter.kind), rank=rank)
+    model.quant_report = quantize_model(model, cfg.quant, cfg.adapter.target_modules)
     return model, tokenizer
 
 

@@ -200,7 +200,11 @@ def run_server(grid: Grid, cfg: FedloraConfig, run_dir: str | Path) -> dict:
     eval_examples = tokenize(held_out, tokenizer, cfg, limit=cfg.eval.max_examples)
     pad_id = tokenizer.pad_token_id
     device = next(model.parameters()).device
-    print(f"fedlora: model on {device}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters", flush=True)
+    quant = model.quant_report
+    print(f"fedlora: model on {device}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
+          f"base {quant['base_bytes_after'] / 2**20:.1f} MiB" + (
+              f" ({quant['format']}: {quant['bytes_per_param']:.3f} bytes/param on {quant['layers']} layers, "
+              f"was {quant['base_bytes_before'] / 2**20:.1f} MiB)" if quant["layers"] else ""), flush=True)
 
     def server_eval() -> float:
         return evaluate_loss(model, eval_examples, batch_size=cfg.eval.batch_size, pad_id=pad_id, progress=True).loss
@@ -233,7 +237,9 @@ def run_server(grid: Grid, cfg: FedloraConfig, run_dir: str | Path) -> dict:
                "train_loss": None, "eval_loss": None}
         if new_state is not None:
             fresh = {n: t[len(state.base_terms.get(n, [])):] for n, t in new_state.base_terms.items()}
-            apply_base_terms(model, fresh)
+            side = apply_base_terms(model, fresh)
+            if side:  # quantized base: what the side-term policy dropped (0 while it only appends)
+                row["side_term_error"] = max(r["relative_error"] for r in side)
             set_adapter_state(model, new_state.adapter)
             state = new_state
             write_global_adapter(writer.dir, state, round=rnd, **meta)
@@ -248,7 +254,7 @@ def run_server(grid: Grid, cfg: FedloraConfig, run_dir: str | Path) -> dict:
 
     if not any(r.get("eval_loss") is not None for r in writer.rows[1:]):
         raise RuntimeError("no round got enough usable client replies; see the rejected replies logged above")
-    extra = {"strategy": strategy.name, "exact": strategy.exact, **init_cost, "model": cfg.model.name_or_path,
+    extra = {"strategy": strategy.name, "exact": strategy.exact, **init_cost, "quant": quant, "model": cfg.model.name_or_path,
              "dataset": cfg.dataset.name, "device": str(device), "client_ranks": ranks}
     if cfg.eval.gsm8k_problems > 0:
         rows = held_out.select(range(min(cfg.eval.gsm8k_problems, len(held_out))))
