@@ -297,9 +297,22 @@ class NodeReport:
         return "\n".join(lines)
 
 
+def _parse_kv(text: str, what: str) -> dict[str, Any]:
+    """``key=value …`` parsed as Flower parses --node-config / --run-config (TOML values)."""
+    from flwr.common.config import parse_config_args
+
+    if not text.strip():
+        return {}
+    try:
+        return parse_config_args([text])
+    except Exception as err:  # Flower raises click.ClickException, not ValueError
+        raise DeployError(f"cannot parse {what} {text!r}: write key=value pairs separated by spaces, "
+                          f'strings in double quotes (data-path="/data/a.jsonl")') from err
+
+
 def app_run_config(app_dir: str | Path = ".", overrides: str = "") -> dict[str, Any]:
     """The app's ``[tool.flwr.app.config]`` (flattened like Flower does) with ``--run-config`` overrides."""
-    from flwr.common.config import flatten_dict, parse_config_args
+    from flwr.common.config import flatten_dict
 
     pyproject = Path(app_dir) / "pyproject.toml"
     if not pyproject.is_file():
@@ -308,7 +321,7 @@ def app_run_config(app_dir: str | Path = ".", overrides: str = "") -> dict[str, 
     if table is None:
         raise DeployError(f"{pyproject} has no [tool.flwr.app.config] table")
     run_config = flatten_dict(table)
-    extra = parse_config_args([overrides]) if overrides.strip() else {}
+    extra = _parse_kv(overrides, "--run-config")
     unknown = sorted(set(extra) - set(run_config))
     if unknown:  # Flower refuses these at `flwr run` too
         raise DeployError(f"run config key(s) {unknown} are not in [tool.flwr.app.config] of {pyproject}")
@@ -320,16 +333,11 @@ def check_node(node_config: str, app_dir: str | Path = ".", run_config: str = ""
     config, and load the node's data. Raises ConfigError/DataError/DeployError for what would make
     the node fail; returns a report with remaining problems (rank not accepted by the strategy,
     unavailable device) and notes."""
-    from flwr.common.config import parse_config_args
-
     from fedlora.config import config_from_run_config, node_settings
     from fedlora.workspace import client_datasets
 
     cfg = config_from_run_config(app_run_config(app_dir, run_config))
-    try:
-        parsed = parse_config_args([node_config]) if node_config.strip() else {}
-    except ValueError as err:
-        raise DeployError(f"cannot parse node config {node_config!r}: {err}") from err
+    parsed = _parse_kv(node_config, "node config")
     node = node_settings(parsed, cfg)
     train, held_out = client_datasets(cfg, node.partition_id, node.num_partitions, node.data_path)
     report = NodeReport(node.partition_id, node.num_partitions, node.rank,
@@ -339,6 +347,9 @@ def check_node(node_config: str, app_dir: str | Path = ".", run_config: str = ""
         report.problems.append("no training rows for this node")
     if len(train) < cfg.train.batch_size:
         report.notes.append(f"fewer training rows ({len(train)}) than train.batch_size={cfg.train.batch_size}")
+    if node.data_path and len(held_out) >= len(train):
+        report.notes.append(f"dataset.eval_size={cfg.dataset.eval_size} holds out {len(held_out)} of this file's "
+                            f"{len(train) + len(held_out)} rows; lower it in the run config for small files")
     if node.num_partitions != cfg.num_clients and not node.data_path:
         report.notes.append(f"num-partitions={node.num_partitions} differs from the run's num_clients={cfg.num_clients}")
     from fedlora_server.strategy import make_strategy
@@ -349,9 +360,10 @@ def check_node(node_config: str, app_dir: str | Path = ".", run_config: str = ""
         strategy.check_ranks([node.rank, expected])
     except ValueError as err:
         report.problems.append(f"lora-rank={node.rank} vs the run's rank {expected}: {err}")
-    if node.rank != expected:
-        report.notes.append(f"lora-rank={node.rank} differs from the run's rank {expected} "
-                            f"(strategy {strategy.name} mixes ranks)")
+    else:
+        if node.rank != expected:
+            report.notes.append(f"lora-rank={node.rank} differs from the run's rank {expected} "
+                                f"(strategy {strategy.name} mixes ranks)")
     if node.device and node.device.startswith("cuda"):
         import torch
 

@@ -85,6 +85,22 @@ class Round:
     """Client-level DP only: the updates, clipped and noised together once all have arrived."""
 
 
+def round_messages(strategy: LoraStrategy, state: GlobalState, nodes: list[NodeInfo], starts: dict, rnd: int,
+                   cfg: FedloraConfig, frame_sent: set[int], message_type: str) -> list[Message]:
+    """One message per node: its starting adapter (the parts its strategy sends), the base terms,
+    the Fed-SB frame if the node has not had it yet, and what to train."""
+    messages = []
+    for node in nodes:
+        frame = strategy.frame_for(state, node.rank) if node.node_id not in frame_sent else None
+        config = {"round": rnd, "num_rounds": cfg.num_rounds, "strategy": strategy.name, "rank": node.rank,
+                  "adapter_kind": strategy.adapter_kind, "parts": ",".join(strategy.parts)}
+        content = train_content(starts[node.node_id], strategy.parts, state.base_terms, config, frame)
+        messages.append(Message(content=content, dst_node_id=node.node_id, message_type=message_type))
+        if frame is not None:
+            frame_sent.add(node.node_id)
+    return messages
+
+
 @dataclass
 class ClientLevelDP:
     """The server's client-level DP (DP-FedAvg) for a run: noise, δ and its accountant."""
@@ -112,17 +128,9 @@ def run_round(grid: Grid, strategy: LoraStrategy, state: GlobalState, nodes: lis
               client_dp: ClientLevelDP | None = None) -> tuple[Round, GlobalState | None, float | None]:
     """Train on ``nodes``; returns the bookkeeping, the new state (None if too few replies) and agg_error."""
     out = Round()
-    starts, messages = {}, []
-    for node in nodes:
-        starts[node.node_id] = strategy.start_for(state, node.rank)
-        frame = strategy.frame_for(state, node.rank) if node.node_id not in frame_sent else None
-        config = {"round": rnd, "num_rounds": cfg.num_rounds, "strategy": strategy.name, "rank": node.rank,
-                  "adapter_kind": strategy.adapter_kind, "parts": ",".join(strategy.parts)}
-        content = train_content(starts[node.node_id], strategy.parts, state.base_terms, config, frame)
-        out.bytes_down += content_bytes(content)
-        messages.append(Message(content=content, dst_node_id=node.node_id, message_type=MessageType.TRAIN))
-        if frame is not None:
-            frame_sent.add(node.node_id)
+    starts = {node.node_id: strategy.start_for(state, node.rank) for node in nodes}
+    messages = round_messages(strategy, state, nodes, starts, rnd, cfg, frame_sent, MessageType.TRAIN)
+    out.bytes_down = sum(content_bytes(m.content) for m in messages)
     acc, ideal = strategy.accumulator(state), IdealAccumulator()
     for reply in stream_replies(grid, messages, cfg.strategy.round_timeout):
         node = reply.metadata.src_node_id
@@ -276,14 +284,9 @@ def run_server(grid: Grid, cfg: FedloraConfig, run_dir: str | Path) -> dict:
 def client_eval(grid: Grid, strategy: LoraStrategy, state: GlobalState, nodes: list[NodeInfo], rnd: int,
                 cfg: FedloraConfig, frame_sent: set[int]) -> dict:
     """Clients' own held-out loss of the new global adapter, weighted by their token counts."""
-    messages, down = [], 0
-    for node in nodes:
-        frame = strategy.frame_for(state, node.rank) if node.node_id not in frame_sent else None
-        config = {"round": rnd, "num_rounds": cfg.num_rounds, "strategy": strategy.name, "rank": node.rank,
-                  "adapter_kind": strategy.adapter_kind, "parts": ",".join(strategy.parts)}
-        content = train_content(strategy.start_for(state, node.rank), strategy.parts, state.base_terms, config, frame)
-        down += content_bytes(content)
-        messages.append(Message(content=content, dst_node_id=node.node_id, message_type=MessageType.EVALUATE))
+    starts = {node.node_id: strategy.start_for(state, node.rank) for node in nodes}
+    messages = round_messages(strategy, state, nodes, starts, rnd, cfg, frame_sent, MessageType.EVALUATE)
+    down = sum(content_bytes(m.content) for m in messages)
     losses, weights, up = [], [], 0
     for reply in stream_replies(grid, messages, cfg.strategy.round_timeout):
         if reply.has_error():
