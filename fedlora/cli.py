@@ -3,6 +3,10 @@
     fedlora simulate [hydra overrides]      run a federation in Flower's simulation engine
                                             e.g. fedlora simulate model=tiny num_rounds=2
     fedlora privacy-report RUN_DIR          write privacy_report.{json,md} and epsilon.png from a run's ledger
+    fedlora deploy certs OUT_DIR --host H [--host H …] [--node NAME …]
+                                            CA, SuperLink TLS certificate, SuperNode auth keys
+    fedlora deploy federation NAME --address HOST:PORT (--root-certificates CA | --insecure) [--default]
+    fedlora deploy check-node 'partition-id=0 num-partitions=3 lora-rank=8' [--app DIR] [--run-config '…']
     fedlora serve RUN_DIR [NAME=RUN_DIR …] [--host 127.0.0.1] [--port 50061]
                   [--tls-cert C --tls-key K [--tls-client-ca CA]]
                                             serve adapters, metrics and privacy reports over gRPC
@@ -64,6 +68,10 @@ def main(argv: list[str] | None = None) -> None:
         if len(rest) != 1:
             raise SystemExit(f"fedlora: privacy-report takes one RUN_DIR\n{USAGE}")
         privacy_report_main(rest[0])
+    elif command == "deploy":
+        from fedlora.deploy import deploy_main
+
+        deploy_main(rest)
     elif command == "serve":
         from fedlora.adapter_service import serve_main
 

@@ -51,16 +51,22 @@ from fedlora_server.transport import stream_replies
 log = logging.getLogger("fedlora")
 
 
-def discover(grid: Grid, strategy: LoraStrategy, needed: int, timeout: float = 300.0) -> list[NodeInfo]:
-    """Wait for ``needed`` nodes and ask each for its partition, rank and data size."""
+def discover(grid: Grid, strategy: LoraStrategy, needed: int, known: list[NodeInfo] | None = None,
+             timeout: float = 300.0) -> list[NodeInfo]:
+    """The connected nodes, waiting for at least ``needed``; nodes not ``known`` yet are asked for
+    their partition, rank and data size. Nodes that left are dropped, nodes that joined are added."""
     deadline = time.time() + timeout
     while len(node_ids := list(grid.get_node_ids())) < needed:
         if time.time() > deadline:
             raise RuntimeError(f"only {len(node_ids)} client nodes connected after {timeout:.0f} s; {needed} needed")
         time.sleep(1.0)
+    known_ids = {n.node_id: n for n in known or []}
+    nodes = [known_ids[i] for i in node_ids if i in known_ids]
+    node_ids = [i for i in node_ids if i not in known_ids]
+    if not node_ids:
+        return nodes
     query = [Message(content=RecordDict({CONFIG: ConfigRecord({"query": "node-info"})}), dst_node_id=n,
                      message_type=MessageType.QUERY) for n in node_ids]
-    nodes = []
     for reply in stream_replies(grid, query, timeout):
         if reply.has_error():
             log.warning("node %s failed discovery: %s", reply.metadata.src_node_id, reply.error.reason)
@@ -237,6 +243,7 @@ def run_server(grid: Grid, cfg: FedloraConfig, run_dir: str | Path) -> dict:
 
     for rnd in range(1, cfg.num_rounds + 1):
         started = time.time()
+        nodes = discover(grid, strategy, cfg.strategy.min_clients, known=nodes)  # who is connected now
         sampled = strategy.sample(nodes, rng)
         print(f"fedlora: round {rnd}/{cfg.num_rounds}: training on {len(sampled)} clients …", flush=True)
         stats_, new_state, error = run_round(grid, strategy, state, sampled, rnd, cfg, frame_sent, writer.dir, client_dp)

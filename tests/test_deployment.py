@@ -21,12 +21,11 @@ import socket
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 import pytest
 
-from fedlora.deploy import app_run_config, generate_certs, write_federation
+from fedlora.deploy import generate_certs, write_federation
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -116,24 +115,6 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _app_dir(tmp: Path) -> Path:
-    """The repository root when its run config has every key this test sets, else a copy of its
-    pyproject with the missing keys added (the components are imported from the installed package)."""
-    needed = {"client_ranks": '""', "strategy.round_timeout": '""'}
-    have = app_run_config(ROOT)
-    missing = {k: v for k, v in needed.items() if k not in have}
-    if not missing:
-        return ROOT
-    text = (ROOT / "pyproject.toml").read_text()
-    lines = "".join(f'"{k}" = {v}\n' for k, v in missing.items())
-    text = text.replace("[tool.flwr.app.config]\n", "[tool.flwr.app.config]\n" + lines, 1)
-    app = tmp / "app"
-    app.mkdir()
-    (app / "pyproject.toml").write_text(text)
-    tomllib.loads(text)
-    return app
-
-
 class Federation:
     def __init__(self, tmp: Path):
         self.tmp = tmp
@@ -145,7 +126,7 @@ class Federation:
         self.nodes: list[subprocess.Popen] = []
         self.certs = generate_certs(tmp / "certs", ["127.0.0.1", "localhost"], ["node0", "node1", "node2", "rogue"])
         write_federation(FEDERATION, f"127.0.0.1:{self.port}", self.certs["ca_cert"], home=self.home)
-        self.app = _app_dir(tmp)
+        self.app = ROOT
 
     def start(self, name: str, argv: list[str]) -> subprocess.Popen:
         log = open(self.tmp / f"{name}.log", "wb")
