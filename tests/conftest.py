@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -19,11 +23,7 @@ def tiny_model(tokenizer):
     return build_tiny_model(len(tokenizer), seed=0)
 
 
-def _run_cli(*args: str, cwd) -> "subprocess.CompletedProcess":
-    import os
-    import subprocess
-    import sys
-
+def _run_cli(*args: str, cwd) -> subprocess.CompletedProcess:
     env = dict(os.environ, RAY_DEDUP_LOGS="0", TOKENIZERS_PARALLELISM="false")
     return subprocess.run([sys.executable, "-m", "fedlora.cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=900)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fedlora.adapters.state import AdapterState, LoraFactors
+
+if TYPE_CHECKING:  # padding imports this module
+    from fedlora.aggregation.padding import DenseTerm
 
 
 class AggregationError(ValueError):
