@@ -140,3 +140,69 @@ class RunWriter:
         fig.savefig(path, dpi=120)
         plt.close(fig)
         return path
+
+
+def git_commit(path: Path) -> str | None:
+    """The commit of the source tree at ``path`` (None outside a git checkout)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def sha256_json(data: Any) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def manifest(config: dict[str, Any], partition_stats: dict[str, Any], device: str) -> dict[str, Any]:
+    """What it takes to reproduce a run: versions, source commit, config and partition hashes, seeds."""
+    return {
+        "versions": versions(),
+        "git_commit": git_commit(Path(__file__).resolve().parent),
+        "config_sha256": sha256_json({k: v for k, v in config.items() if k != "run_dir"}),  # where ≠ what
+        "partition_sha256": sha256_json(partition_stats),
+        "seeds": {"run": config.get("seed"), "adapter_init": config.get("adapter", {}).get("init_seed"),
+                  "data": config.get("dataset", {}).get("seed")},
+        "device": device,
+        "platform": platform.platform(),
+    }
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The per-round table as Markdown."""
+    keys = [k for k, _, _ in COLUMNS] + [k for k in ("client_eval_loss", "epsilon") if any(k in r for r in rows)]
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for r in rows:
+        cells = []
+        for k in keys:
+            v = r.get(k)
+            cells.append("–" if v is None else human_bytes(v) if k.startswith("bytes") else
+                         f"{v:.4g}" if isinstance(v, float) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(run_dir: Path, config: dict[str, Any], partitions: str, rows: list[dict[str, Any]],
+                 summary: dict[str, Any], run_manifest: dict[str, Any]) -> Path:
+    """``report.md``: what ran, on which data split, what happened each round, how to reproduce it.
+    ``partitions`` is the partition table as printed at the start of the run."""
+    parts = [
+        f"# fedlora run `{run_dir.name}`",
+        f"Strategy **{summary.get('strategy')}** on **{summary.get('model')}** / **{summary.get('dataset')}**, "
+        f"{len(rows) - 1} rounds; eval loss {summary.get('initial_eval_loss'):.4f} → {summary.get('final_eval_loss'):.4f}; "
+        f"{human_bytes(summary.get('total_bytes_up', 0))} up, {human_bytes(summary.get('total_bytes_down', 0))} down.",
+        "## Rounds", markdown_table(rows), "![loss per round](eval_loss.png)",
+        "## Partitions", "```", partitions, "```",
+    ]
+    if (run_dir / "privacy_report.md").is_file():
+        parts += ["## Privacy", "See [privacy_report.md](privacy_report.md).", "![epsilon](epsilon.png)"]
+    parts += ["## Configuration", "```yaml", yaml.safe_dump(config, sort_keys=False).strip(), "```",
+              "## Reproducibility", "```json", json.dumps(run_manifest, indent=2), "```"]
+    path = run_dir / "report.md"
+    path.write_text("\n\n".join(parts) + "\n")
+    return path

@@ -42,7 +42,7 @@ from fedlora.privacy import (
 from fedlora.partition import format_partition_stats, partition_dataset, partition_stats, save_partition_stats
 from fedlora.peft_export import export_state, save_peft_adapter
 from fedlora.proto_io import write_global_adapter
-from fedlora.reporting import RunWriter
+from fedlora.reporting import RunWriter, manifest, write_report
 from fedlora.workspace import build_model, load_splits, tokenize
 from fedlora_server.fedsb_round import federated_sb_init
 from fedlora_server.strategy import IdealAccumulator, LoraStrategy, NodeInfo, make_strategy
@@ -284,7 +284,10 @@ def run_server(grid: Grid, cfg: FedloraConfig, run_dir: str | Path) -> dict:
         extra["privacy_report"] = {k: str(v) for k, v in paths.items()}
         print(f"fedlora: privacy report: {', '.join(p.name for p in paths.values())}", flush=True)
     summary_path = writer.write_summary(extra | {"adapter_dir": str(adapter_dir)})
-    print(f"fedlora: done; results in {writer.dir} ({summary_path.name}, metrics.jsonl, adapter/, eval_loss.png)", flush=True)
+    run_manifest = manifest(config_to_dict(cfg), stats, str(device))
+    writer.write_json("manifest.json", run_manifest)
+    write_report(writer.dir, config_to_dict(cfg), format_partition_stats(stats), writer.rows, json.loads(summary_path.read_text()), run_manifest)
+    print(f"fedlora: done; results in {writer.dir} (report.md, {summary_path.name}, metrics.jsonl, adapter/, eval_loss.png)", flush=True)
     return {"run_dir": str(writer.dir), "rows": writer.rows}
 
 

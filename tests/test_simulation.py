@@ -79,3 +79,20 @@ def test_bad_input_fails_before_the_simulation_starts(tmp_path, run_cli, overrid
     assert proc.returncode != 0
     assert message in proc.stdout + proc.stderr
     assert "Starting" not in proc.stdout + proc.stderr  # no Ray/Flower start-up happened
+
+
+def test_run_report_and_manifest(run_dir):
+    report = (run_dir / "report.md").read_text()
+    assert "| round | clients |" in report and "eval_loss.png" in report and "## Reproducibility" in report
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert len(manifest["config_sha256"]) == 64 and manifest["seeds"]["run"] == 0
+    assert manifest["versions"]["torch"].startswith("2.")
+
+
+def test_same_config_gives_identical_metrics(run_dir, tmp_path, run_cli):
+    again = tmp_path / "again"
+    proc = run_cli("simulate", *TINY, "num_rounds=2", "num_clients=2", f"hydra.run.dir={again}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, second = ([{k: v for k, v in json.loads(line).items() if k != "seconds"}
+                      for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (run_dir, again))
+    assert first == second
