@@ -290,6 +290,10 @@ class FedloraConfig:
     num_clients: int = 2
     client_ranks: list[int] = field(default_factory=list)
     """Per-client LoRA rank in simulation (empty: every client uses ``adapter.rank``)."""
+    client_rank_tiers: list[int] = field(default_factory=list)
+    """A capability rule instead of a list: client i trains rank ``tiers[i % len(tiers)]``
+    (e.g. ``[4, 8, 16, 32]`` for four device classes); expanded into ``client_ranks`` on load, so
+    the saved config lists every client's rank. Give this or ``client_ranks``."""
     seed: int = 0
     run_dir: str = ""
     """Output folder; ``fedlora simulate`` sets it to Hydra's run directory."""
@@ -308,6 +312,11 @@ class FedloraConfig:
                 f"client_ranks has {len(self.client_ranks)} entries but num_clients={self.num_clients}; "
                 "give one rank per client or leave client_ranks empty"
             )
+        if self.client_ranks and self.client_rank_tiers:
+            raise ConfigError("give client_ranks (one per client) or client_rank_tiers (a rule), not both")
+        if self.client_rank_tiers:
+            self.client_ranks = [self.client_rank_tiers[i % len(self.client_rank_tiers)] for i in range(self.num_clients)]
+            self.client_rank_tiers = []
         if any(r < 1 for r in self.client_ranks):
             raise ConfigError(f"client_ranks={self.client_ranks} must all be positive")
         if self.strategy.min_clients > self.num_clients:

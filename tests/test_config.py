@@ -80,3 +80,10 @@ def test_node_config_gives_partition_rank_and_device():
         node_settings({"partition-id": 0, "rank": 4}, cfg)
     with pytest.raises(ConfigError, match=r"partition-id=5 must lie in \[0, num-partitions=3\)"):
         node_settings({"partition-id": 5, "num-partitions": 3}, cfg)
+
+
+def test_rank_tiers_rule_assigns_ranks_by_partition():
+    cfg = config_from_dict({"num_clients": 5, "client_rank_tiers": [4, 8, 16]})
+    assert cfg.client_ranks == [4, 8, 16, 4, 8]
+    with pytest.raises(ConfigError, match="not both"):
+        config_from_dict({"num_clients": 2, "client_ranks": [4, 8], "client_rank_tiers": [4]})
