@@ -215,7 +215,8 @@ def run_server(grid: Grid, cfg: FedloraConfig, run_dir: str | Path) -> dict:
     pad_id = tokenizer.pad_token_id
     device = next(model.parameters()).device
     quant = model.quant_report
-    print(f"fedlora: model on {device}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
+    print(f"fedlora: model on {device}, {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f} M "
+          "adapter parameters, "
           f"base {quant['base_bytes_after'] / 2**20:.1f} MiB" + (
               f" ({quant['format']}: {quant['bytes_per_param']:.3f} bytes/param on {quant['layers']} layers, "
               f"was {quant['base_bytes_before'] / 2**20:.1f} MiB)" if quant["layers"] else ""), flush=True)
