@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from fedlora.adapters.state import AdapterState, LoraFactors
-from fedlora.aggregation.common import AggregationError, GlobalState, check_same_layout, normalize_weights
+from fedlora.aggregation.common import AggregationError, GlobalState, check_same_layout, stream_all
 
 EXACT = False
 """Whether s·B̄·Ā equals Σ p_i·s_i·B_i·A_i for any client updates."""
@@ -65,7 +65,5 @@ def aggregate(
 ) -> GlobalState:
     """Weighted mean of each factor over clients (weights need not sum to one); the base is
     untouched, so ``state.base_terms`` carry over unchanged."""
-    acc = FedAvgAccumulator()
-    for update, p in zip(updates, normalize_weights(weights), strict=True):
-        acc.add(update, p)
+    acc = stream_all(FedAvgAccumulator(), updates, weights)
     return GlobalState(adapter=acc.result(), base_terms=state.base_terms, extras=state.extras)

@@ -40,7 +40,7 @@ import torch
 
 from fedlora.adapters.state import AdapterState, LoraFactors
 from fedlora.aggregation import padding
-from fedlora.aggregation.common import AggregationError, GlobalState, normalize_weights
+from fedlora.aggregation.common import AggregationError, GlobalState, stream_all
 
 EXACT = True
 """s_g·B·R̄·A equals Σ p_i·s_i·B·R_i·A for any client cores."""
@@ -151,10 +151,7 @@ def aggregate(
     state: GlobalState, updates: Sequence[AdapterState], weights: Sequence[float]
 ) -> GlobalState:
     """Average this round's cores; fold R̄ outside the floor rank's block into ``base_terms``."""
-    acc = accumulator(state)
-    for update, p in zip(updates, normalize_weights(weights), strict=True):
-        acc.add(update, p)
-    return finish(state, acc)
+    return finish(state, stream_all(accumulator(state), updates, weights))
 
 
 def accumulator(state: GlobalState) -> FedSBAccumulator:

@@ -29,7 +29,7 @@ import torch
 
 from fedlora.adapters.state import AdapterState, LoraFactors
 from fedlora.aggregation import padding
-from fedlora.aggregation.common import AggregationError, GlobalState, normalize_weights
+from fedlora.aggregation.common import AggregationError, GlobalState, stream_all
 
 EXACT = True
 """s_g·B̄·A₀ equals Σ p_i·s_i·B_i·A₀ for any client updates."""
@@ -111,10 +111,7 @@ def aggregate(
 ) -> GlobalState:
     """Average B over clients against the shared A (taken from ``state.adapter`` when it has one);
     fold the columns above the floor rank into ``base_terms`` when ranks are mixed."""
-    acc = accumulator(state)
-    for update, p in zip(updates, normalize_weights(weights), strict=True):
-        acc.add(update, p)
-    return finish(state, acc)
+    return finish(state, stream_all(accumulator(state), updates, weights))
 
 
 def accumulator(state: GlobalState) -> FFAAccumulator:

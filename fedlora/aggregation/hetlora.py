@@ -25,7 +25,7 @@ import torch
 
 from fedlora.adapters.state import AdapterState, LoraFactors
 from fedlora.aggregation import padding
-from fedlora.aggregation.common import AggregationError, GlobalState, normalize_weights
+from fedlora.aggregation.common import AggregationError, GlobalState, stream_all
 
 EXACT = False
 """Norm-weighted averages of the factors do not reproduce Σ p_i·s_i·B_i·A_i."""
@@ -89,10 +89,7 @@ def aggregate(
     state: GlobalState, updates: Sequence[AdapterState], weights: Sequence[float]
 ) -> GlobalState:
     """Norm-weighted zero-padded average; the base is untouched."""
-    acc = accumulator(state)
-    for update, p in zip(updates, normalize_weights(weights), strict=True):
-        acc.add(update, p)
-    return finish(state, acc)
+    return finish(state, stream_all(accumulator(state), updates, weights))
 
 
 def accumulator(state: GlobalState) -> HetLoRAAccumulator:

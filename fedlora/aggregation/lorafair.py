@@ -37,7 +37,7 @@ import torch
 from fedlora.adapters.lora import layer_generator
 from fedlora.adapters.state import AdapterState, LoraFactors
 from fedlora.aggregation import padding
-from fedlora.aggregation.common import AggregationError, GlobalState, check_same_layout, normalize_weights
+from fedlora.aggregation.common import AggregationError, GlobalState, check_same_layout, stream_all
 
 EXACT = False
 """The corrected product stays in Ā's row space; the error is reported, not hidden."""
@@ -199,9 +199,7 @@ def aggregate(
 ) -> GlobalState:
     """FedAvg + correction of B; the base is untouched. Options default to ``state.extras``
     (``lorafair_method``, ``lorafair_lambda``, ``lorafair_sketch_rank``), else gradient, 0.01, dense."""
-    acc = accumulator(state, sketch_rank=sketch_rank)
-    for update, p in zip(updates, normalize_weights(weights), strict=True):
-        acc.add(update, p)
+    acc = stream_all(accumulator(state, sketch_rank=sketch_rank), updates, weights)
     return finish(state, acc, method=method, lam=lam, steps=steps)
 
 
