@@ -19,6 +19,12 @@ class ConfigError(ValueError):
     """A configuration value is unknown, missing or out of range."""
 
 
+def check_choice(key: str, value: Any, options: tuple) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is one of ``options``, naming the key and them."""
+    if value not in options:
+        raise ConfigError(f"{key}={value!r} is not supported; use one of {', '.join(map(str, options))}")
+
+
 @dataclass
 class ModelConfig:
     """Which causal LM to fine-tune and where it runs."""
@@ -39,10 +45,7 @@ class ModelConfig:
     """Where converted GGUF models are cached; default ``$FEDLORA_CACHE`` or ``~/.cache/fedlora``."""
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ConfigError(
-                f"model.dtype={self.dtype!r} is not supported; use auto, float32, bfloat16 or float16"
-            )
+        check_choice("model.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
 
 
 @dataclass
@@ -103,16 +106,11 @@ class QuantConfig:
     (fold into the quantized weight with error compensation)."""
 
     def __post_init__(self) -> None:
-        if self.format not in ("none", "nf4", "int8", "int4", "int3", "int2"):
-            raise ConfigError(f"quant.format={self.format!r} is unknown; use none, nf4, int8, int4, int3 or int2")
-        if self.group_size not in (32, 64, 128, 256):
-            raise ConfigError(f"quant.group_size={self.group_size} must be 32, 64, 128 or 256")
-        if self.targets not in ("adapted", "all_linear"):
-            raise ConfigError(f"quant.targets={self.targets!r} must be adapted or all_linear")
-        if self.init not in ("none", "loftq"):
-            raise ConfigError(f"quant.init={self.init!r} must be none or loftq")
-        if self.side_term_policy not in ("svd", "requantize"):
-            raise ConfigError(f"quant.side_term_policy={self.side_term_policy!r} must be svd or requantize")
+        check_choice("quant.format", self.format, ("none", "nf4", "int8", "int4", "int3", "int2"))
+        check_choice("quant.group_size", self.group_size, (32, 64, 128, 256))
+        check_choice("quant.targets", self.targets, ("adapted", "all_linear"))
+        check_choice("quant.init", self.init, ("none", "loftq"))
+        check_choice("quant.side_term_policy", self.side_term_policy, ("svd", "requantize"))
 
 
 @dataclass
@@ -140,8 +138,7 @@ class DPConfig:
     """Headline accountant: ``rdp`` (conservative); PRV is reported beside it when it computes."""
 
     def __post_init__(self) -> None:
-        if self.mode not in ("none", "example", "client"):
-            raise ConfigError(f"dp.mode={self.mode!r} is unknown; use none, example or client")
+        check_choice("dp.mode", self.mode, ("none", "example", "client"))
         if self.noise_multiplier is not None and self.target_epsilon is not None:
             raise ConfigError("give dp.noise_multiplier or dp.target_epsilon, not both")
         if self.mode != "none" and self.noise_multiplier is None and self.target_epsilon is None:
@@ -156,8 +153,7 @@ class DPConfig:
             raise ConfigError(f"dp.max_grad_norm={self.max_grad_norm} must be > 0")
         if self.max_epsilon is not None and self.max_epsilon <= 0:
             raise ConfigError(f"dp.max_epsilon={self.max_epsilon} must be > 0")
-        if self.accountant not in ("rdp", "prv"):
-            raise ConfigError(f"dp.accountant={self.accountant!r} must be rdp or prv")
+        check_choice("dp.accountant", self.accountant, ("rdp", "prv"))
 
 
 @dataclass
@@ -190,10 +186,7 @@ class DatasetConfig:
     seed: int = 42
 
     def __post_init__(self) -> None:
-        if self.partitioner not in ("iid", "dirichlet", "natural"):
-            raise ConfigError(
-                f"dataset.partitioner={self.partitioner!r} is unknown; use iid, dirichlet or natural"
-            )
+        check_choice("dataset.partitioner", self.partitioner, ("iid", "dirichlet", "natural"))
         if self.partitioner != "iid" and not self.partition_by:
             raise ConfigError(
                 f"dataset.partitioner={self.partitioner} needs dataset.partition_by=<column>"
@@ -223,10 +216,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.local_steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("train.local_steps, train.batch_size and train.grad_accum must be ≥ 1")
-        if self.lr_schedule not in ("constant", "linear", "cosine"):
-            raise ConfigError(
-                f"train.lr_schedule={self.lr_schedule!r} is unknown; use constant, linear or cosine"
-            )
+        check_choice("train.lr_schedule", self.lr_schedule, ("constant", "linear", "cosine"))
 
 
 @dataclass
@@ -269,8 +259,7 @@ class StrategyConfig:
             raise ConfigError(f"strategy.fraction_train={self.fraction_train} must lie in (0, 1]")
         if self.min_clients < 1:
             raise ConfigError(f"strategy.min_clients={self.min_clients} must be at least 1")
-        if self.fedsb_init not in ("federated", "data_free"):
-            raise ConfigError(f"strategy.fedsb_init={self.fedsb_init!r} must be federated or data_free")
+        check_choice("strategy.fedsb_init", self.fedsb_init, ("federated", "data_free"))
 
 
 

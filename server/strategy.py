@@ -17,7 +17,7 @@ import torch
 
 from fedlora.adapters.lora import layer_generator, lora_scale
 from fedlora.adapters.sb import data_free_frame
-from fedlora.adapters.state import AdapterState
+from fedlora.adapters.state import AdapterState, layout_mismatch
 from fedlora.aggregation import AGGREGATORS, GlobalState
 from fedlora.aggregation.common import AggregationError, normalize_weights
 from fedlora.config import ConfigError, FedloraConfig
@@ -137,12 +137,10 @@ class LoraStrategy:
 
     def check_update(self, update: AdapterState, start: AdapterState) -> str | None:
         """Why a client's update must be rejected, or None when it is fit to aggregate."""
-        if set(update) != set(start):
-            return f"layers differ from the ones it was sent ({len(update)} vs {len(start)})"
+        reason = layout_mismatch(start, update)
+        if reason:
+            return f"does not match the adapter it was sent ({reason})"
         for name, f in update.items():
-            ref = start[name]
-            if f.A.shape != ref.A.shape or f.B.shape != ref.B.shape:
-                return f"{name}: shapes A{tuple(f.A.shape)} B{tuple(f.B.shape)} ≠ sent A{tuple(ref.A.shape)}"
             if not (torch.isfinite(f.A).all() and torch.isfinite(f.B).all()):
                 return f"{name}: non-finite values"
         return None

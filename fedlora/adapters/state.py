@@ -104,6 +104,18 @@ def arrays_to_state(arrays: dict[str, np.ndarray], like: AdapterState | None = N
     return state
 
 
+def layout_mismatch(reference: AdapterState, update: AdapterState) -> str | None:
+    """Why ``update`` lacks ``reference``'s layers or factor shapes (None when they match): the one
+    layout check behind aggregation, client-level DP and the server's reply checks."""
+    if set(update) != set(reference):
+        return f"layers differ: {sorted(set(update) ^ set(reference))[:3]}"
+    for name, f in update.items():
+        ref = reference[name]
+        if f.A.shape != ref.A.shape or f.B.shape != ref.B.shape:
+            return f"{name} has A{tuple(f.A.shape)} B{tuple(f.B.shape)}, expected A{tuple(ref.A.shape)} B{tuple(ref.B.shape)}"
+    return None
+
+
 def state_nbytes(state: AdapterState) -> int:
     """Bytes of the fp32 factors (A and B) of a state."""
     return sum(4 * (f.A.numel() + f.B.numel()) for f in state.values())

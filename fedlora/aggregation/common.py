@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fedlora.adapters.state import AdapterState, LoraFactors
+from fedlora.adapters.state import AdapterState, LoraFactors, layout_mismatch
 
 if TYPE_CHECKING:  # padding imports this module
     from fedlora.aggregation.padding import DenseTerm
@@ -39,17 +39,10 @@ def stream_all(acc: Any, updates: Sequence[AdapterState], weights: Sequence[floa
 
 
 def check_same_layout(reference: AdapterState, update: AdapterState, who: str = "client") -> None:
-    """Raise unless ``update`` has the same layers, shapes and scales as ``reference``."""
-    if set(update) != set(reference):
-        diff = sorted(set(update) ^ set(reference))
-        raise AggregationError(f"{who} update has different layers than the others: {diff[:3]}")
-    for name, f in update.items():
-        ref = reference[name]
-        if f.A.shape != ref.A.shape or f.B.shape != ref.B.shape:
-            raise AggregationError(
-                f"{who} update for {name} has A{tuple(f.A.shape)} B{tuple(f.B.shape)}, others have "
-                f"A{tuple(ref.A.shape)} B{tuple(ref.B.shape)}; mixed ranks need a rank-aware strategy"
-            )
+    """Raise unless ``update`` has the same layers and shapes as ``reference``."""
+    reason = layout_mismatch(reference, update)
+    if reason:
+        raise AggregationError(f"{who} update does not match the others ({reason}); mixed ranks need a rank-aware strategy")
 
 
 @dataclass

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedlora.adapters.state import AdapterState, LoraFactors
+from fedlora.adapters.state import AdapterState, LoraFactors, layout_mismatch
 from fedlora.config import DPConfig
 from fedlora.privacy.accounting import (
     AccountantState,
@@ -133,15 +133,11 @@ def update_norm(start: AdapterState, update: AdapterState, factors: Sequence[str
 
 
 def _check_layout(start: AdapterState, update: AdapterState, factors: Sequence[str], who: str) -> None:
-    if set(update) != set(start):
-        raise ClientLevelDPError(f"{who}'s update has other layers than the round's start: {sorted(set(update) ^ set(start))[:3]}")
+    reason = layout_mismatch(start, update)
+    if reason:
+        raise ClientLevelDPError(f"{who}'s update does not match the round's start ({reason}): client-level DP needs equal ranks")
     for name, f in update.items():
         s = start[name]
-        if f.A.shape != s.A.shape or f.B.shape != s.B.shape:
-            raise ClientLevelDPError(
-                f"{who}'s {name} has A{tuple(f.A.shape)} B{tuple(f.B.shape)}, the start has "
-                f"A{tuple(s.A.shape)} B{tuple(s.B.shape)}: client-level DP needs equal ranks"
-            )
         for attr in ("A", "B"):
             if attr not in factors and not torch.equal(getattr(f, attr), getattr(s, attr)):
                 raise ClientLevelDPError(
