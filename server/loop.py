@@ -87,6 +87,8 @@ class Round:
     rejected: list[str] = field(default_factory=list)
     bytes_up: int = 0
     bytes_down: int = 0
+    train_seconds: float = 0.0
+    """Sum of the accepted clients' own local-training seconds (their ``train_seconds`` metric)."""
     held: list = field(default_factory=list)
     """Client-level DP only: the updates, clipped and noised together once all have arrived."""
 
@@ -168,6 +170,7 @@ def run_round(grid: Grid, strategy: LoraStrategy, state: GlobalState, nodes: lis
         out.accepted += 1
         out.weights.append(weight)
         out.train_losses.append(float(metrics["train_loss"]))
+        out.train_seconds += float(metrics.get("train_seconds", 0.0))
     for why in out.rejected:
         log.warning("round %d: rejected reply: %s", rnd, why)
     if out.accepted < cfg.strategy.min_clients:
@@ -250,7 +253,7 @@ def run_server(grid: Grid, cfg: FedloraConfig, run_dir: str | Path) -> dict:
         stats_, new_state, error = run_round(grid, strategy, state, sampled, rnd, cfg, frame_sent, writer.dir, client_dp)
         row = {"round": rnd, "strategy": strategy.name, "clients": stats_.accepted, "rejected": len(stats_.rejected),
                "bytes_down": stats_.bytes_down, "bytes_up": stats_.bytes_up, "agg_error": error,
-               "train_loss": None, "eval_loss": None}
+               "train_loss": None, "eval_loss": None, "client_train_seconds": round(stats_.train_seconds, 3)}
         if new_state is not None:
             fresh = {n: t[len(state.base_terms.get(n, [])):] for n, t in new_state.base_terms.items()}
             side = apply_base_terms(model, fresh)
