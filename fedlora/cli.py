@@ -50,8 +50,29 @@ def simulate_main(argv: list[str]) -> None:
         except (ConfigError, DataError, AdapterError, ModelError) as err:
             raise SystemExit(f"fedlora: error: {err}") from None
 
+    multirun_check(argv)
     sys.argv = ["fedlora simulate", *argv]
     run()
+
+
+def multirun_check(argv: list[str]) -> None:
+    """Before Hydra starts: expand a ``--multirun`` sweep and check every run (zero runs is an
+    error); for a single run of a config that declares a sweep, say that ``--multirun`` runs it all."""
+    from fedlora.sweep import MULTIRUN_FLAGS, SweepError, check_multirun, sweep_note
+
+    flags = [a for a in argv if a.startswith("-")]
+    if any(f not in MULTIRUN_FLAGS for f in flags):  # --cfg, --info, --config-dir …: Hydra's business
+        return
+    if not flags:
+        note = sweep_note(conf_dir(), "config", argv)
+        if note:
+            print(note, flush=True)
+        return
+    try:
+        runs = check_multirun(conf_dir(), "config", argv)
+    except SweepError as err:
+        raise SystemExit(f"fedlora: error: {err}") from None
+    print(f"fedlora: the sweep has {runs} run(s); every one checked", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
