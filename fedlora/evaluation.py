@@ -11,8 +11,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fedlora.data import collate, extract_gsm8k_answer
-from fedlora.loss import response_loss
+from fedlora.loss import response_hits, scored_hidden
 from fedlora.training import move
+from fedlora_kernels import linear_cross_entropy
 
 
 @dataclass
@@ -22,6 +23,8 @@ class EvalResult:
     perplexity: float
     tokens: int
     examples: int
+    token_accuracy: float = 0.0
+    """Share of response tokens whose greedy next-token prediction is right (teacher forcing)."""
 
 
 @torch.no_grad()
@@ -38,14 +41,18 @@ def evaluate_loss(
         raise ValueError("no evaluation examples")
     device = next(model.parameters()).device
     model.eval()
-    total, tokens = 0.0, 0
+    total, tokens, hits = 0.0, 0, 0
+    weight = model.get_output_embeddings().weight
+    softcap = getattr(model.config, "final_logit_softcapping", None)
     starts = range(0, len(examples), batch_size)
     for start in tqdm(starts, desc="eval", leave=False, disable=not progress):
-        summed, n = response_loss(model, move(collate(list(examples[start : start + batch_size]), pad_id), device))
-        total += float(summed)
-        tokens += n
+        h, targets = scored_hidden(model, move(collate(list(examples[start : start + batch_size]), pad_id), device))
+        total += float(linear_cross_entropy(h, weight, targets, softcap=softcap))
+        hits += response_hits(model, h, targets)
+        tokens += len(targets)
     loss = total / max(tokens, 1)
-    return EvalResult(loss=loss, perplexity=math.exp(min(loss, 50.0)), tokens=tokens, examples=len(examples))
+    return EvalResult(loss=loss, perplexity=math.exp(min(loss, 50.0)), tokens=tokens, examples=len(examples),
+                      token_accuracy=hits / max(tokens, 1))
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ COLUMNS = [  # (key, header, format)
     ("clients", "clients", "{:>7d}"),
     ("train_loss", "train_loss", "{:>10.4f}"),
     ("eval_loss", "eval_loss", "{:>9.4f}"),
+    ("eval_token_accuracy", "tok_acc", "{:>7.4f}"),
     ("agg_error", "agg_error", "{:>9.2e}"),
     ("bytes_up", "bytes_up", "{:>11}"),
     ("bytes_down", "bytes_down", "{:>11}"),
@@ -99,12 +100,14 @@ class RunWriter:
         return " | ".join(cells)
 
     def write_summary(self, extra: dict[str, Any]) -> Path:
-        first = next((r for r in self.rows if r.get("eval_loss") is not None), {})
-        last = self.rows[-1] if self.rows else {}
+        evaluated = [r for r in self.rows if r.get("eval_loss") is not None]
+        first, last = (evaluated[0], evaluated[-1]) if evaluated else ({}, {})
         summary = {
             "rounds": max((r["round"] for r in self.rows), default=0),
             "initial_eval_loss": first.get("eval_loss"),
             "final_eval_loss": last.get("eval_loss"),
+            "initial_eval_token_accuracy": first.get("eval_token_accuracy"),
+            "final_eval_token_accuracy": last.get("eval_token_accuracy"),
             "final_train_loss": last.get("train_loss"),
             "total_bytes_up": sum(r.get("bytes_up", 0) for r in self.rows),
             "total_bytes_down": sum(r.get("bytes_down", 0) for r in self.rows),

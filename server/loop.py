@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -22,19 +23,32 @@ from flwr.serverapp import Grid
 from fedlora.adapters import arrays_to_state, get_adapter_state, set_adapter_state
 from fedlora.aggregation import GlobalState, aggregation_error, round_update
 from fedlora.base_terms import apply_base_terms
+from fedlora.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    capture_rng,
+    ledger_position,
+    prepare_resume,
+    restore_rng,
+    save_checkpoint,
+    write_metrics,
+)
 from fedlora.config import ConfigError, FedloraConfig, config_to_dict
 from fedlora.data import format_example
 from fedlora.evaluation import evaluate_loss, gsm8k_accuracy
 from fedlora.messages import CONFIG, METRICS, PRIVACY, UPDATE, content_bytes, from_array_record, train_content
 from fedlora.privacy import (
+    AccountantState,
     account_round,
     append_entry,
     check_client_level_strategy,
     client_level_entry,
     client_level_noise,
     client_level_spent,
+    most_spent,
     noise_generator,
     privatize_round,
+    restore_client_level_state,
     run_entry,
     worst_epsilon,
     write_privacy_report,
@@ -131,6 +145,37 @@ class ClientLevelDP:
         return strategy.method.aggregate(state, [rel.update], [1.0])
 
 
+def accept_reply(reply: Message, strategy: LoraStrategy, start, run_dir: Path) -> tuple[str | None, object, dict]:
+    """(why the reply is rejected or None, its parsed update, its metrics). Records the client's
+    privacy ledger entry first: a released update's privacy cost is kept even when it is rejected."""
+    content = reply.content
+    if METRICS not in content:
+        return "malformed reply: no metrics record", None, {}
+    metrics = dict(content[METRICS])
+    if PRIVACY in content:  # recorded even when the client declined
+        try:
+            append_entry(run_dir, json.loads(content[PRIVACY]["entry"]))
+        except (KeyError, TypeError, ValueError) as err:
+            return f"malformed privacy entry ({err})", None, metrics
+    if metrics.get("declined"):
+        return "declined to train (its privacy budget would be exceeded)", None, metrics
+    for key in ("num-examples", "train_loss"):
+        value = metrics.get(key)
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or (key == "num-examples" and value <= 0):
+            return f"malformed metrics: {key}={value!r} (must be a finite number{', > 0' if key == 'num-examples' else ''})", None, metrics
+    if UPDATE not in content:
+        return "wrong keys: the reply has no update record", None, metrics
+    arrays = from_array_record(content[UPDATE])
+    reason = strategy.check_reply(arrays, start)
+    if reason:
+        return reason, None, metrics
+    try:
+        update = arrays_to_state(arrays, like=start)
+    except ValueError as err:
+        return f"malformed update ({err})", None, metrics
+    return strategy.check_update(update, start), update, metrics
+
+
 def run_round(grid: Grid, strategy: LoraStrategy, state: GlobalState, nodes: list[NodeInfo], rnd: int,
               cfg: FedloraConfig, frame_sent: set[int], run_dir: Path,
               client_dp: ClientLevelDP | None = None) -> tuple[Round, GlobalState | None, float | None]:
@@ -140,26 +185,27 @@ def run_round(grid: Grid, strategy: LoraStrategy, state: GlobalState, nodes: lis
     messages = round_messages(strategy, state, nodes, starts, rnd, cfg, frame_sent, MessageType.TRAIN)
     out.bytes_down = sum(content_bytes(m.content) for m in messages)
     acc, ideal = strategy.accumulator(state), IdealAccumulator()
+    by_id = {node.node_id: node for node in nodes}
+    replied: set[int] = set()
     for reply in stream_replies(grid, messages, cfg.strategy.round_timeout):
         node = reply.metadata.src_node_id
+        replied.add(node)
+        who = f"partition {by_id[node].partition_id} (node {node})" if node in by_id else f"node {node}"
         if reply.has_error():
-            out.rejected.append(f"node {node}: error {reply.error.reason}")
+            out.rejected.append(f"{who}: dropped: the client failed or left ({reply.error.reason})")
             continue
-        out.bytes_up += content_bytes(reply.content)
-        metrics = reply.content[METRICS]
-        if PRIVACY in reply.content:  # recorded even when the client declined
-            append_entry(run_dir, json.loads(reply.content[PRIVACY]["entry"]))
-        if metrics.get("declined"):
-            out.rejected.append(f"node {node}: declined to train (its privacy budget would be exceeded)")
+        size = content_bytes(reply.content)
+        out.bytes_up += size
+        if node not in by_id:
+            out.rejected.append(f"{who}: unexpected reply from a node that was not sampled")
             continue
-        try:
-            update = arrays_to_state(from_array_record(reply.content[UPDATE]), like=starts[node])
-        except (KeyError, ValueError) as err:
-            out.rejected.append(f"node {node}: malformed update ({err})")
+        limit = strategy.max_reply_bytes(starts[node])
+        if size > limit:
+            out.rejected.append(f"{who}: oversized reply: {size} bytes > {limit} (strategy.max_reply_bytes)")
             continue
-        reason = strategy.check_update(update, starts[node])
+        reason, update, metrics = accept_reply(reply, strategy, starts[node], run_dir)
         if reason:
-            out.rejected.append(f"node {node}: {reason}")
+            out.rejected.append(f"{who}: {reason}")
             continue
         weight = 1.0 if client_dp else float(metrics["num-examples"])  # client-level DP: equal weights
         if client_dp:
@@ -171,6 +217,10 @@ def run_round(grid: Grid, strategy: LoraStrategy, state: GlobalState, nodes: lis
         out.weights.append(weight)
         out.train_losses.append(float(metrics["train_loss"]))
         out.train_seconds += float(metrics.get("train_seconds", 0.0))
+    for node in nodes:
+        if node.node_id not in replied:
+            out.rejected.append(f"partition {node.partition_id} (node {node.node_id}): straggler: no reply within "
+                                f"strategy.round_timeout={cfg.strategy.round_timeout} s")
     for why in out.rejected:
         log.warning("round %d: rejected reply: %s", rnd, why)
     if out.accepted < cfg.strategy.min_clients:
@@ -189,17 +239,24 @@ def run_round(grid: Grid, strategy: LoraStrategy, state: GlobalState, nodes: lis
 def run_server(grid: Grid, cfg: FedloraConfig, run_dir: str | Path) -> dict:
     """Run ``cfg.num_rounds`` rounds; returns the run directory and the per-round rows."""
     strategy = make_strategy(cfg)  # bad strategy / rank mix fails before any loading
+    # A resume reads and checks its checkpoint before anything in the run directory is written.
+    resumed = prepare_resume(cfg.resume, config_to_dict(cfg)) if cfg.resume else None
     writer = RunWriter(run_dir)
-    writer.write_config(config_to_dict(cfg))
     print(f"fedlora: run directory {writer.dir}", flush=True)
 
     # Everything that can fail on bad input happens before round 1.
     train_ds, held_out = load_splits(cfg)
     stats = partition_stats(partition_dataset(train_ds, cfg.dataset, cfg.num_clients), cfg.dataset)
-    save_partition_stats(stats, writer.dir)
     print(format_partition_stats(stats), flush=True)
     nodes = discover(grid, strategy, cfg.strategy.min_clients)
     ranks = sorted({n.rank for n in nodes})
+    if resumed and max(resumed.server["ranks"]) != max(ranks):
+        raise CheckpointError(
+            f"the checkpoint's global adapter has rank {max(resumed.server['ranks'])} (client ranks "
+            f"{resumed.server['ranks']}) but the connected clients have ranks {ranks}; connect the run's clients "
+            "(lora-rank in each node config) or start a new run")
+    writer.write_config(config_to_dict(cfg))
+    save_partition_stats(stats, writer.dir)
     client_dp = None
     if cfg.dp.mode != "none":
         append_entry(writer.dir, run_entry(cfg))
@@ -224,28 +281,33 @@ def run_server(grid: Grid, cfg: FedloraConfig, run_dir: str | Path) -> dict:
               f" ({quant['format']}: {quant['bytes_per_param']:.3f} bytes/param on {quant['layers']} layers, "
               f"was {quant['base_bytes_before'] / 2**20:.1f} MiB)" if quant["layers"] else ""), flush=True)
 
-    def server_eval() -> float:
-        return evaluate_loss(model, eval_examples, batch_size=cfg.eval.batch_size, pad_id=pad_id, progress=True).loss
+    def server_eval() -> dict[str, float]:
+        result = evaluate_loss(model, eval_examples, batch_size=cfg.eval.batch_size, pad_id=pad_id, progress=True)
+        return {"eval_loss": result.loss, "eval_token_accuracy": result.token_accuracy}
 
-    state = strategy.initial_state(get_adapter_state(model), min_rank=min(ranks))
-    init_cost: dict[str, int] = {}
-    if strategy.name == "fedsb" and cfg.strategy.fedsb_init == "federated" and cfg.dp.mode == "none":
-        print("fedlora: Fed-SB init round: gradient sketches from the clients …", flush=True)
-        state, init_cost = federated_sb_init(grid, strategy, state, nodes, min(ranks))
-        print(f"fedlora: Fed-SB init: {init_cost['init_bytes_up'] / 1e3:.1f} KB up, "
-              f"{init_cost['init_bytes_down'] / 1e3:.1f} KB down in all", flush=True)
-    set_adapter_state(model, state.adapter)
     meta = {"run": writer.dir.name, "strategy": strategy.name, "base_model": cfg.model.name_or_path,
             "lora_alpha": cfg.adapter.alpha, "use_rslora": cfg.adapter.rslora}
-    write_global_adapter(writer.dir, state, round=0, **meta)
     rng = random.Random(cfg.seed)
-    frame_sent: set[int] = set()
-    writer.log_round({"round": 0, "strategy": strategy.name, "clients": init_cost.get("init_clients", 0),
-                      "train_loss": None, "eval_loss": server_eval(), "agg_error": None,
-                      "bytes_up": init_cost.get("init_bytes_up", 0), "bytes_down": init_cost.get("init_bytes_down", 0),
-                      "seconds": 0.0, **init_cost})
+    frame_sent: set[int] = set()  # a resumed run's clients are fresh processes: each gets the Fed-SB frame again
+    if resumed:
+        state, init_cost = restore_run(resumed, model, writer, rng, client_dp, meta)
+    else:
+        state = strategy.initial_state(get_adapter_state(model), min_rank=min(ranks))
+        init_cost: dict[str, int] = {}
+        if strategy.name == "fedsb" and cfg.strategy.fedsb_init == "federated" and cfg.dp.mode == "none":
+            print("fedlora: Fed-SB init round: gradient sketches from the clients …", flush=True)
+            state, init_cost = federated_sb_init(grid, strategy, state, nodes, min(ranks))
+            print(f"fedlora: Fed-SB init: {init_cost['init_bytes_up'] / 1e3:.1f} KB up, "
+                  f"{init_cost['init_bytes_down'] / 1e3:.1f} KB down in all", flush=True)
+        set_adapter_state(model, state.adapter)
+        write_global_adapter(writer.dir, state, round=0, **meta)
+        writer.log_round({"round": 0, "strategy": strategy.name, "clients": init_cost.get("init_clients", 0),
+                          "train_loss": None, **server_eval(), "agg_error": None,
+                          "bytes_up": init_cost.get("init_bytes_up", 0), "bytes_down": init_cost.get("init_bytes_down", 0),
+                          "seconds": 0.0, **init_cost})
+        save_round(writer, 0, state, cfg, rng, client_dp, {"ranks": ranks, "init_cost": init_cost})
 
-    for rnd in range(1, cfg.num_rounds + 1):
+    for rnd in range(writer.rows[-1]["round"] + 1, cfg.num_rounds + 1):
         started = time.time()
         nodes = discover(grid, strategy, cfg.strategy.min_clients, known=nodes)  # who is connected now
         sampled = strategy.sample(nodes, rng)
@@ -263,13 +325,18 @@ def run_server(grid: Grid, cfg: FedloraConfig, run_dir: str | Path) -> dict:
             state = new_state
             write_global_adapter(writer.dir, state, round=rnd, **meta)
             row["train_loss"] = sum(w * l for w, l in zip(stats_.weights, stats_.train_losses)) / sum(stats_.weights)
-            row["eval_loss"] = server_eval()
+            row.update(server_eval())
             if cfg.eval.client_eval:
                 row.update(client_eval(grid, strategy, state, sampled, rnd, cfg, frame_sent))
+        else:
+            row["skipped"] = True  # too few usable replies: the previous global adapter stays
+        if stats_.rejected:
+            row["rejected_reasons"] = stats_.rejected
         if cfg.dp.mode != "none":
             row["epsilon"] = worst_epsilon(writer.dir)
         row["seconds"] = round(time.time() - started, 2)
         writer.log_round(row)
+        save_round(writer, rnd, state, cfg, rng, client_dp, {"ranks": ranks, "init_cost": init_cost})
 
     if not any(r.get("eval_loss") is not None for r in writer.rows[1:]):
         raise RuntimeError("no round got enough usable client replies; see the rejected replies logged above")
@@ -293,6 +360,41 @@ def run_server(grid: Grid, cfg: FedloraConfig, run_dir: str | Path) -> dict:
     write_report(writer.dir, config_to_dict(cfg), format_partition_stats(stats), writer.rows, json.loads(summary_path.read_text()), run_manifest)
     print(f"fedlora: done; results in {writer.dir} (report.md, {summary_path.name}, metrics.jsonl, adapter/, eval_loss.png)", flush=True)
     return {"run_dir": str(writer.dir), "rows": writer.rows}
+
+
+def save_round(writer: RunWriter, rnd: int, state: GlobalState, cfg: FedloraConfig, rng: random.Random,
+               client_dp: ClientLevelDP | None, server: dict) -> Path:
+    """Checkpoint the server after round ``rnd`` (its metrics row already written)."""
+    rng_state, rng_tensors = capture_rng(rng)
+    accountant = client_dp.accountant.to_json() if client_dp and client_dp.accountant else None
+    server = {**server, "client_level_accountant": accountant, "wall_seconds": round(time.time() - writer.started, 3)}
+    return save_checkpoint(writer.dir, Checkpoint(rnd, state, config_to_dict(cfg), list(writer.rows), rng_state,
+                                                  rng_tensors, ledger_position(writer.dir), server))
+
+
+def restore_run(ckpt: Checkpoint, model, writer: RunWriter, rng: random.Random, client_dp: ClientLevelDP | None,
+                meta: dict) -> tuple[GlobalState, dict]:
+    """Put a checked checkpoint back: the server model, RNGs, metrics (rows past the checkpoint are
+    dropped), the client-level accountant; returns the state and the Fed-SB init cost."""
+    state = ckpt.state
+    apply_base_terms(model, state.base_terms)
+    set_adapter_state(model, state.adapter)
+    restore_rng(ckpt.rng, ckpt.rng_tensors, rng)
+    writer.rows = list(ckpt.metrics)
+    write_metrics(writer.dir, writer.rows)
+    writer.started = time.time() - float(ckpt.server.get("wall_seconds", 0.0))
+    if client_dp is not None:
+        saved = ckpt.server.get("client_level_accountant")
+        client_dp.accountant = most_spent(AccountantState.from_json(saved) if saved else None,
+                                          restore_client_level_state(writer.dir))  # the ledger may know more
+    later = ledger_position(writer.dir)["entries"] - ckpt.ledger["entries"]
+    if later > 0:
+        print(f"fedlora: {later} privacy ledger entries were written after round {ckpt.round} was saved (an interrupted "
+              "round); they stay, so privacy spent then stays counted", flush=True)
+    write_global_adapter(writer.dir, state, round=ckpt.round, **meta)
+    print(f"fedlora: resuming after round {ckpt.round} from {ckpt.path}", flush=True)
+    print(writer.table_header() + "\n" + "\n".join(writer.table_row(r) for r in writer.rows), flush=True)
+    return state, dict(ckpt.server.get("init_cost", {}))
 
 
 def client_eval(grid: Grid, strategy: LoraStrategy, state: GlobalState, nodes: list[NodeInfo], rnd: int,

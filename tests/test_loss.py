@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -49,3 +51,33 @@ def test_response_loss_counts_only_response_tokens(tiny_model, tokenizer):
                           ignore_index=-100, reduction="sum")
     assert n == (len("4 #### 4") + 1) + (len("7") + 1)
     torch.testing.assert_close(summed, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_eval_token_accuracy_equals_full_logit_argmax(tiny_model, tokenizer):
+    # Prepare: three examples and the full logits of the model
+    from fedlora.evaluation import evaluate_loss
+
+    examples = [
+        tokenize_example("Question: 2+2?\nAnswer: ", "4 #### 4", tokenizer, 64),
+        tokenize_example("Q: 10-3\nA: ", "7", tokenizer, 64),
+        tokenize_example("Q: say hello\nA: ", "hello hello hello", tokenizer, 64),
+    ]
+    batch = collate(examples, tokenizer.pad_token_id)
+    model = copy.deepcopy(tiny_model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(2):  # fit the examples a little, so that some but not all tokens are right
+        summed, n = response_loss(model, batch)
+        opt.zero_grad()
+        (summed / n).backward()
+        opt.step()
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    hits = int((logits[:, :-1].argmax(-1)[keep] == labels[keep]).sum())
+    assert 0 < hits < int(keep.sum())  # a wrong count would show
+    # Execute: batch size 2 so the evaluation sums over two batches
+    result = evaluate_loss(model, examples, batch_size=2, pad_id=tokenizer.pad_token_id)
+    # Assert
+    assert result.tokens == int(keep.sum())
+    assert result.token_accuracy == pytest.approx(hits / int(keep.sum()), abs=1e-12)
