@@ -145,6 +145,73 @@ def _bnb_peft(w: torch.Tensor, device: str, dtype: torch.dtype, fmt: str, s: flo
     return run
 
 
+def sweep(args) -> None:
+    """Offline tile sweep of the fused kernels on this GPU (GPU time by ``triton.testing.do_bench``,
+    L2 cleared each run): the winners are baked into ``quant_lora_triton.block_config`` by hand,
+    and the fused-vs-decode+cuBLAS crossover into ``FUSED_MAX_M``. Stops at ``--deadline`` s."""
+    import itertools
+
+    from triton.testing import do_bench
+
+    from fedlora_kernels import quant_lora_triton as tk
+
+    t_end = time.time() + args.deadline
+    N = K = 4096
+    r, s, dt = args.rank, 2.0, torch.bfloat16
+    g = torch.Generator().manual_seed(0)
+    w = 0.02 * torch.randn(N, K, generator=g).cuda()
+    rows = []
+
+    def bench(fn):
+        return do_bench(fn, warmup=10, rep=60, return_mode="median") * 1e3  # µs
+
+    def emit(row):
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "sweep.json").write_text(json.dumps(rows, indent=0))
+
+    qs = {fmt: quantize_weight(w, QuantConfig(format=fmt, group_size=args.group_size)) for fmt in args.formats}
+    A = (torch.randn(r, K, generator=g) / K**0.5).cuda()
+    B = (0.02 * torch.randn(N, r, generator=g)).cuda()
+    W16 = w.to(dt)
+    # 1. the deq kernel alone and the path crossover (fwd and dX, fused default vs decode + cuBLAS)
+    for fmt, q in qs.items():
+        tb = q.tables("cuda")
+        emit({"what": "deq_bf16", "fmt": fmt, "us": bench(lambda: tk.dequantize(q, tb, dt))})
+        for M in (16, 32, 64, 128, 256, 512):
+            x = torch.randn(M, K, device="cuda", dtype=dt)
+            dy = torch.randn(M, N, device="cuda", dtype=dt)
+            row = {"what": "path", "fmt": fmt, "M": M}
+            for fused in (True, False):
+                row[f"fwd_{'fused' if fused else 'deq'}"] = bench(lambda: tk.forward(x, q, tb, A, B, s, fused=fused))
+                row[f"dx_{'fused' if fused else 'deq'}"] = bench(lambda: tk.backward_dx(dy, q, tb, A, B, s, fused=fused))
+            row["dense_fwd"] = bench(lambda: x @ W16.t())
+            emit(row)
+    # 2. tiles of the fused kernels at small M
+    grid_f = list(itertools.product((16, 32, 64), (128, 256), (2, 4), (4,)))
+    grid_b = list(itertools.product((32, 64, 128), (64, 128), (3,), (4,)))
+    for M in (16, 64):
+        for fmt, q in qs.items():
+            tb = q.tables("cuda")
+            x = torch.randn(M, K, device="cuda", dtype=dt)
+            dy = torch.randn(M, N, device="cuda", dtype=dt)
+            for kind, grid in (("fwd", grid_f), ("dx", grid_b)):
+                for BN, BK, st, wp in grid:
+                    if time.time() > t_end:
+                        print("deadline reached", flush=True)
+                        return
+                    cfg = {"BM": max(16, M), "BN": BN, "BK": BK, "num_warps": wp, "num_stages": st}
+                    try:
+                        if kind == "fwd":
+                            us = bench(lambda: tk.forward(x, q, tb, A, B, s, config=cfg, fused=True))
+                        else:
+                            us = bench(lambda: tk.backward_dx(dy, q, tb, A, B, s, config=cfg, fused=True))
+                    except Exception as err:
+                        us = f"{type(err).__name__}: {err}"[:120]
+                    emit({"what": kind, "fmt": fmt, "M": M, **cfg, "us": us})
+
+
 def main() -> None:
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -158,7 +225,11 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile on CPU")
     parser.add_argument("--cpu-threads", type=int, default=1, help="torch threads on CPU (1: stable on a shared box)")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--sweep", action="store_true", help="tile sweep of the fused kernels (GPU), then exit")
+    parser.add_argument("--deadline", type=float, default=240.0, help="seconds the sweep may take")
     args = parser.parse_args()
+    if args.sweep:
+        return sweep(args)
     device = "cuda" if cuda else "cpu"
     if not cuda:
         torch.set_num_threads(args.cpu_threads)

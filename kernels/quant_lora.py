@@ -84,7 +84,8 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class QuantLoRALinearTriton(torch.autograd.Function):
-    """The fused op: forward and dX decode W inside the GEMM (``quant_lora_triton``)."""
+    """The Triton op: forward and dX by ``quant_lora_triton`` (fused decode-in-GEMM kernels at small
+    M, which also form x·Aᵀ and dY·B in their main loop; a one-layer decode + cuBLAS at large M)."""
 
     @staticmethod
     def forward(ctx, x, qweight, tables, A, B, scale):  # type: ignore[override]
@@ -92,9 +93,7 @@ class QuantLoRALinearTriton(torch.autograd.Function):
 
         K, N = qweight.shape[1], qweight.shape[0]
         x2 = x.reshape(-1, K).contiguous()  # (M, K)
-        xa = _mm_f32(x2, A.t()) if _rank(A) else None  # (M, r), fp32
-        Bf = B.float().contiguous() if _rank(A) else None
-        y = tk.forward(x2, qweight, tables, xa, Bf, scale)  # (M, N)
+        y, xa = tk.forward(x2, qweight, tables, A, B, scale)  # (M, N), (M, r) or None
         empty = x2.new_empty(0)
         ctx.save_for_backward(x2, xa if xa is not None else empty, A if A is not None else empty, B if B is not None else empty)
         ctx.qweight, ctx.tables, ctx.scale, ctx.x_shape = qweight, tables, scale, x.shape
@@ -109,11 +108,12 @@ class QuantLoRALinearTriton(torch.autograd.Function):
         dy2 = dy.reshape(-1, qweight.shape[0]).contiguous()  # (M, N)
         need_x, _, _, need_a, need_b, _ = ctx.needs_input_grad
         has_lora = A.numel() > 0 and A.dim() == 2
-        dyb = _mm_f32(dy2, B) if has_lora else None  # (M, r), fp32
-        dx = da = db = None
+        dx = da = db = dyb = None
         if need_x:
-            Af = A.float().contiguous() if has_lora else None
-            dx = tk.backward_dx(dy2, qweight, ctx.tables, dyb, Af, s).reshape(ctx.x_shape)
+            dx, dyb = tk.backward_dx(dy2, qweight, ctx.tables, A if has_lora else None, B if has_lora else None, s)
+            dx = dx.reshape(ctx.x_shape)
+        elif has_lora and need_a:
+            dyb = _mm_f32(dy2, B)  # (M, r)
         if has_lora and need_a:
             da = (s * _mm_f32(dyb.to(x2.dtype).t(), x2)).to(A.dtype)  # (r, K)
         if has_lora and need_b:

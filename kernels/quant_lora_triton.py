@@ -4,7 +4,7 @@ Importing this module imports Triton; ``fedlora_kernels.quant_lora`` does so onl
 is about to run on CUDA, or when a test has set ``TRITON_INTERPRET=1`` first (Triton chooses
 compiled or interpreted when a kernel is decorated, i.e. when this module is imported). No ``@triton.autotune``: it touches the GPU
 driver when the decorator runs, and the interpreter would time every config; block sizes come
-from :func:`block_config` instead.
+from :func:`block_config` instead (tuned offline on an H100: ``benchmarks/kernels.py --sweep``).
 
 Only Triton *builtins* are used (``tl.full``, not ``tl.zeros``; no ``tl.sum``/``tl.cdiv``): the
 helpers of ``triton.language.standard`` are ``@jit`` functions created when ``triton.language`` is
@@ -14,14 +14,25 @@ and transformers do in a test process.
 
 Kernels:
 
-* ``_fwd_kernel``  y[m, n] = Σ_k x[m, k]·deq(W)[n, k] + s·Σ_j xa[m, j]·B[n, j]
-* ``_dx_kernel``   dx[m, k] = Σ_n dy[m, n]·deq(W)[n, k] + s·Σ_j dyb[m, j]·A[j, k]
-* ``_deq_kernel``  the dense deq(W) (bit-exactness tests, the dequantise-then-matmul baseline)
+* ``_fwd_kernel``  y[m, n] = Σ_k x[m, k]·deq(W)[n, k] + s·Σ_j xa[m, j]·B[n, j], with
+  xa = x·Aᵀ accumulated in the same K loop (and written out once, for the backward)
+* ``_dx_kernel``   dx[m, k] = Σ_n dy[m, n]·deq(W)[n, k] + s·Σ_j dyb[m, j]·A[j, k], with
+  dyb = dy·B accumulated in the same N loop (and written out once, for dA)
+* ``_deq_kernel``  the dense deq(W) in fp32 or the activation dtype (bit-exactness tests; the
+  large-M path, which decodes one layer into a temporary and hands the GEMM to cuBLAS)
 
-All three decode W tile by tile with the same ``_deq_tile``: codes are read from global memory,
-decoded in registers to fp32, cast to the activation dtype and fed to ``tl.dot``; a dense W never
-exists. Launches pass ``enable_fp_fusion=False`` so NF4's absmax decode (a product then a sum)
-is not contracted into an FMA: that keeps the decode bit-exact with the torch reference.
+All three decode W tile by tile with the same ``_deq_tile``. Fast path (``ALIGNED``: K a multiple
+of BK, BK a multiple of the format's group): 4-bit codes are read as contiguous bytes and split
+into nibble pairs (``tl.join`` + ``tl.reshape``), the scale / zero / absmax are read once per
+(row, group) and broadcast over the group. Other shapes (odd K, NF4 blocks straddling rows) take
+a per-element path. Index math is int32 (the host checks N·K < 2³¹). Launches pass
+``enable_fp_fusion=False`` so NF4's absmax decode (a product then a sum) is not contracted into
+an FMA: that keeps the decode bit-exact with the torch reference.
+
+Dispatch by M (:func:`fused_for`): the fused kernels are weight-bandwidth bound and win at small
+M; from ``FUSED_MAX_M`` tokens on the GEMM is compute bound and the decode (one layer, ≈ 10 µs for
+4096²) is cheaper than re-decoding W in every M tile, so W goes to a temporary in the activation
+dtype and cuBLAS runs the GEMM — what KERNELS.md allows (a temporary of at most one layer).
 """
 
 from __future__ import annotations
@@ -34,56 +45,99 @@ import triton.language as tl
 
 FMT_NF4, FMT_INT8, FMT_INTK = 0, 1, 2
 _FORMATS = {"nf4": FMT_NF4, "int8": FMT_INT8, "intk": FMT_INTK}
+# M above which the forward and dX decode W into a one-layer temporary and call cuBLAS (tuned on
+# an H100, 4096², r = 16: see docs/quantization.md).
+FUSED_MAX_M = 128
 
 
 @triton.jit
 def _deq_tile(
     p0, p1, p2, p3, p4, p5,  # format tensors (see _format_args)
-    rows, cols, mask, N, K,
-    FMT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DQ: tl.constexpr,
+    rows, k0, N, K,
+    FMT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DQ: tl.constexpr, ALIGNED: tl.constexpr,
+    BN: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
-    """deq(W)[rows, cols] as an fp32 (len(rows), len(cols)) tile; zeros where ``mask`` is off."""
-    if FMT == 0:  # NF4: p0 codes, p1 absmax, p2 absmax_scale, p3 absmax_offset, p4 levels, p5 absmax levels
-        flat = rows.to(tl.int64)[:, None] * K + cols[None, :]  # row-major index: blocks are flat
-        byte = tl.load(p0 + flat // 2, mask=mask, other=0).to(tl.int32)
-        idx = tl.where((flat % 2) == 0, byte >> 4, byte & 15)  # first value in the high nibble
-        level = tl.load(p4 + idx)
-        block = flat // 64
-        if DQ:
-            qa = tl.load(p1 + block, mask=mask, other=0).to(tl.int32)
-            absmax = tl.load(p5 + qa) * tl.load(p2 + block // 256, mask=mask, other=0.0)
-            absmax = absmax + tl.load(p3)
+    """deq(W)[rows, k0:k0+BK] as an fp32 (BN, BK) tile; zeros outside W."""
+    rmask = rows < N
+    if ALIGNED:  # K % BK == 0 and BK % GROUP == 0: whole groups, only rows need a mask
+        m2 = rmask[:, None]
+        if FMT == 1:  # int8 per channel: p0 codes (N, K), p1 scale (N,)
+            q = tl.load(p0 + rows[:, None] * K + (k0 + tl.arange(0, BK))[None, :], mask=m2, other=0).to(tl.float32)
+            w = q * tl.load(p1 + rows, mask=rmask, other=0.0)[:, None]
         else:
-            absmax = tl.load(p1 + block, mask=mask, other=0.0)
-        w = level * absmax
-    elif FMT == 1:  # int8 per channel: p0 codes (N, K), p1 scale (N,)
-        q = tl.load(p0 + rows.to(tl.int64)[:, None] * K + cols[None, :], mask=mask, other=0).to(tl.float32)
-        s = tl.load(p1 + rows, mask=rows < N, other=0.0)
-        w = q * s[:, None]
-    else:  # int4/3/2 group-wise: p0 low plane, p1 high-bit plane (int3), p2 scale fp16, p3 zero uint8
-        r64 = rows.to(tl.int64)[:, None]
-        g = r64 * (K // GROUP) + (cols // GROUP)[None, :]
-        s = tl.load(p2 + g, mask=mask, other=0.0).to(tl.float32)
-        z = tl.load(p3 + g, mask=mask, other=0).to(tl.float32)
-        if BITS == 4:
-            byte = tl.load(p0 + r64 * (K // 2) + (cols // 2)[None, :], mask=mask, other=0).to(tl.int32)
-            q = (byte >> ((cols % 2) * 4)[None, :]) & 15
+            # 4-bit codes: one contiguous byte row per W row, two values per byte
+            if BITS == 4:
+                byte = tl.load(p0 + rows[:, None] * (K // 2) + (k0 // 2 + tl.arange(0, BK // 2))[None, :], mask=m2, other=0)
+                byte = byte.to(tl.int32)
+            if FMT == 0:  # NF4: p0 codes, p1 absmax, p2 absmax_scale, p3 absmax_offset, p4 levels, p5 absmax levels
+                # first value in the high nibble; levels looked up per nibble, then interleaved
+                lv = tl.join(tl.load(p4 + (byte >> 4)), tl.load(p4 + (byte & 15)))  # (BN, BK/2, 2)
+                lv = tl.reshape(lv, (BN, BK // 64, 64))
+                blk = rows[:, None] * (K // 64) + (k0 // 64 + tl.arange(0, BK // 64))[None, :]  # (BN, BK/64)
+                if DQ:
+                    qa = tl.load(p1 + blk, mask=m2, other=0).to(tl.int32)
+                    absmax = tl.load(p5 + qa) * tl.load(p2 + blk // 256, mask=m2, other=0.0)
+                    absmax = absmax + tl.load(p3)
+                else:
+                    absmax = tl.load(p1 + blk, mask=m2, other=0.0)
+                w = tl.reshape(lv * absmax[:, :, None], (BN, BK))
+            else:  # int4/3/2 group-wise: p0 low plane, p1 high-bit plane (int3), p2 scale fp16, p3 zero uint8
+                if BITS == 4:
+                    q = tl.reshape(tl.join(byte & 15, byte >> 4), (BN, BK))  # first value in the low nibble
+                else:
+                    cols = k0 + tl.arange(0, BK)
+                    byte = tl.load(p0 + rows[:, None] * (K // 4) + (cols // 4)[None, :], mask=m2, other=0).to(tl.int32)
+                    q = (byte >> ((cols % 4) * 2)[None, :]) & 3
+                    if BITS == 3:
+                        hi = tl.load(p1 + rows[:, None] * (K // 8) + (cols // 8)[None, :], mask=m2, other=0).to(tl.int32)
+                        q = q | (((hi >> (cols % 8)[None, :]) & 1) << 2)
+                g = rows[:, None] * (K // GROUP) + (k0 // GROUP + tl.arange(0, BK // GROUP))[None, :]  # (BN, BK/G)
+                s = tl.load(p2 + g, mask=m2, other=0.0).to(tl.float32)
+                z = tl.load(p3 + g, mask=m2, other=0).to(tl.float32)
+                q3 = tl.reshape(q.to(tl.float32), (BN, BK // GROUP, GROUP))
+                w = tl.reshape((q3 - z[:, :, None]) * s[:, :, None], (BN, BK))  # q − z exact: one rounding
+    else:  # any shape: per-element indices (NF4 blocks may straddle rows)
+        cols = k0 + tl.arange(0, BK)
+        mask = rmask[:, None] & (cols < K)[None, :]
+        if FMT == 0:
+            flat = rows[:, None] * K + cols[None, :]  # row-major index: blocks are flat
+            byte = tl.load(p0 + flat // 2, mask=mask, other=0).to(tl.int32)
+            idx = tl.where((flat % 2) == 0, byte >> 4, byte & 15)  # first value in the high nibble
+            level = tl.load(p4 + idx)
+            block = flat // 64
+            if DQ:
+                qa = tl.load(p1 + block, mask=mask, other=0).to(tl.int32)
+                absmax = tl.load(p5 + qa) * tl.load(p2 + block // 256, mask=mask, other=0.0)
+                absmax = absmax + tl.load(p3)
+            else:
+                absmax = tl.load(p1 + block, mask=mask, other=0.0)
+            w = level * absmax
+        elif FMT == 1:
+            q = tl.load(p0 + rows[:, None] * K + cols[None, :], mask=mask, other=0).to(tl.float32)
+            w = q * tl.load(p1 + rows, mask=rmask, other=0.0)[:, None]
         else:
-            byte = tl.load(p0 + r64 * (K // 4) + (cols // 4)[None, :], mask=mask, other=0).to(tl.int32)
-            q = (byte >> ((cols % 4) * 2)[None, :]) & 3
-            if BITS == 3:
-                hi = tl.load(p1 + r64 * (K // 8) + (cols // 8)[None, :], mask=mask, other=0).to(tl.int32)
-                q = q | (((hi >> (cols % 8)[None, :]) & 1) << 2)
-        w = (q.to(tl.float32) - z) * s  # q − z is an exact integer: one rounding, as the reference
+            g = rows[:, None] * (K // GROUP) + (cols // GROUP)[None, :]
+            s = tl.load(p2 + g, mask=mask, other=0.0).to(tl.float32)
+            z = tl.load(p3 + g, mask=mask, other=0).to(tl.float32)
+            if BITS == 4:
+                byte = tl.load(p0 + rows[:, None] * (K // 2) + (cols // 2)[None, :], mask=mask, other=0).to(tl.int32)
+                q = (byte >> ((cols % 2) * 4)[None, :]) & 15
+            else:
+                byte = tl.load(p0 + rows[:, None] * (K // 4) + (cols // 4)[None, :], mask=mask, other=0).to(tl.int32)
+                q = (byte >> ((cols % 4) * 2)[None, :]) & 3
+                if BITS == 3:
+                    hi = tl.load(p1 + rows[:, None] * (K // 8) + (cols // 8)[None, :], mask=mask, other=0).to(tl.int32)
+                    q = q | (((hi >> (cols % 8)[None, :]) & 1) << 2)
+            w = (q.to(tl.float32) - z) * s
     return w
 
 
 @triton.jit
 def _fwd_kernel(
-    x_ptr, xa_ptr, b_ptr, y_ptr,
+    x_ptr, a_ptr, b_ptr, y_ptr, xa_ptr,
     p0, p1, p2, p3, p4, p5,
     M, N, K, R, scale,
-    FMT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DQ: tl.constexpr,
+    FMT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DQ: tl.constexpr, ALIGNED: tl.constexpr,
     HAS_LORA: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
 ):  # fmt: skip
@@ -91,60 +145,76 @@ def _fwd_kernel(
     pid_n = tl.program_id(1)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
+    rr = tl.arange(0, BR)
+    mmask = rm[:, None] < M
+    x_row = x_ptr + rm.to(tl.int64)[:, None] * K  # (BM, 1)
     acc = tl.full((BM, BN), 0.0, tl.float32)
+    xa = tl.full((BM, BR), 0.0, tl.float32)
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
-        x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-        w = _deq_tile(p0, p1, p2, p3, p4, p5, rn, rk, (rn[:, None] < N) & (rk[None, :] < K), N, K, FMT, BITS, GROUP, DQ)
+        x = tl.load(x_row + rk[None, :], mask=mmask & (rk[None, :] < K), other=0.0)  # (BM, BK)
+        w = _deq_tile(p0, p1, p2, p3, p4, p5, rn, k0, N, K, FMT, BITS, GROUP, DQ, ALIGNED, BN, BK)
         acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PREC)  # (BM, BK)·(BK, BN)
-    if HAS_LORA:  # + s·(x·Aᵀ)·Bᵀ, with x·Aᵀ (M, r) formed once outside
-        rr = tl.arange(0, BR)
-        xa = tl.load(xa_ptr + rm[:, None] * R + rr[None, :], mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
+        if HAS_LORA:  # xa = x·Aᵀ, from the x tile already loaded
+            a = tl.load(a_ptr + rr[:, None] * K + rk[None, :], mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0)
+            xa += tl.dot(x, tl.trans(a.to(x.dtype)), input_precision=PREC)  # (BM, BK)·(BK, BR)
+    if HAS_LORA:  # + s·(x·Aᵀ)·Bᵀ
         b = tl.load(b_ptr + rn[:, None] * R + rr[None, :], mask=(rn[:, None] < N) & (rr[None, :] < R), other=0.0)
         acc += scale * tl.dot(xa, tl.trans(b), input_precision=PREC)
+        if pid_n == 0:  # every N tile formed the same xa; one writes it for the backward
+            tl.store(xa_ptr + rm[:, None] * R + rr[None, :], xa, mask=mmask & (rr[None, :] < R))
     out = y_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :]
-    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mmask & (rn[None, :] < N))
 
 
 @triton.jit
 def _dx_kernel(
-    dy_ptr, dyb_ptr, a_ptr, dx_ptr,
+    dy_ptr, a_ptr, b_ptr, dx_ptr, dyb_ptr,
     p0, p1, p2, p3, p4, p5,
     M, N, K, R, scale,
-    FMT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DQ: tl.constexpr,
+    FMT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DQ: tl.constexpr, ALIGNED: tl.constexpr,
     HAS_LORA: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = pid_m * BM + tl.arange(0, BM)
-    rk = pid_k * BK + tl.arange(0, BK)
+    k0 = pid_k * BK
+    rk = k0 + tl.arange(0, BK)
+    rr = tl.arange(0, BR)
+    mmask = rm[:, None] < M
+    dy_row = dy_ptr + rm.to(tl.int64)[:, None] * N
     acc = tl.full((BM, BK), 0.0, tl.float32)
+    dyb = tl.full((BM, BR), 0.0, tl.float32)
     for n0 in range(0, N, BN):
         rn = n0 + tl.arange(0, BN)
-        dy = tl.load(dy_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0)
-        w = _deq_tile(p0, p1, p2, p3, p4, p5, rn, rk, (rn[:, None] < N) & (rk[None, :] < K), N, K, FMT, BITS, GROUP, DQ)
+        dy = tl.load(dy_row + rn[None, :], mask=mmask & (rn[None, :] < N), other=0.0)  # (BM, BN)
+        w = _deq_tile(p0, p1, p2, p3, p4, p5, rn, k0, N, K, FMT, BITS, GROUP, DQ, ALIGNED, BN, BK)
         acc += tl.dot(dy, w.to(dy.dtype), input_precision=PREC)  # (BM, BN)·(BN, BK)
-    if HAS_LORA:  # + s·(dy·B)·A, with dy·B (M, r) formed once outside
-        rr = tl.arange(0, BR)
-        dyb = tl.load(dyb_ptr + rm[:, None] * R + rr[None, :], mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
+        if HAS_LORA:  # dyb = dy·B, from the dy tile already loaded
+            b = tl.load(b_ptr + rn[:, None] * R + rr[None, :], mask=(rn[:, None] < N) & (rr[None, :] < R), other=0.0)
+            dyb += tl.dot(dy, b.to(dy.dtype), input_precision=PREC)  # (BM, BN)·(BN, BR)
+    if HAS_LORA:  # + s·(dy·B)·A
         a = tl.load(a_ptr + rr[:, None] * K + rk[None, :], mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0)
         acc += scale * tl.dot(dyb, a, input_precision=PREC)
+        if pid_k == 0:
+            tl.store(dyb_ptr + rm[:, None] * R + rr[None, :], dyb, mask=mmask & (rr[None, :] < R))
     out = dx_ptr + rm.to(tl.int64)[:, None] * K + rk[None, :]
-    tl.store(out, acc.to(dx_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rk[None, :] < K))
+    tl.store(out, acc.to(dx_ptr.dtype.element_ty), mask=mmask & (rk[None, :] < K))
 
 
 @triton.jit
 def _deq_kernel(
     out_ptr, p0, p1, p2, p3, p4, p5, N, K,
-    FMT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DQ: tl.constexpr,
+    FMT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DQ: tl.constexpr, ALIGNED: tl.constexpr,
     BN: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
-    rk = tl.program_id(1) * BK + tl.arange(0, BK)
+    k0 = tl.program_id(1) * BK
+    rk = k0 + tl.arange(0, BK)
+    w = _deq_tile(p0, p1, p2, p3, p4, p5, rn, k0, N, K, FMT, BITS, GROUP, DQ, ALIGNED, BN, BK)
     mask = (rn[:, None] < N) & (rk[None, :] < K)
-    w = _deq_tile(p0, p1, p2, p3, p4, p5, rn, rk, mask, N, K, FMT, BITS, GROUP, DQ)
-    tl.store(out_ptr + rn.to(tl.int64)[:, None] * K + rk[None, :], w, mask=mask)
+    tl.store(out_ptr + rn[:, None] * K + rk[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------
@@ -160,6 +230,9 @@ def _format_args(qweight, tables: dict[str, torch.Tensor]) -> tuple[list[torch.T
     kind = qweight.kind
     if kind not in _FORMATS:
         raise ValueError(f"no Triton path for quantized format {kind!r}")
+    N, K = qweight.shape
+    if N * K >= 2**31:
+        raise ValueError(f"a {N}x{K} weight overflows the kernels' int32 indices (N·K must be < 2³¹)")
     dummy = tables.get("dummy")
     if dummy is None:
         dummy = torch.zeros(1, dtype=torch.uint8, device=qweight.device)
@@ -190,17 +263,48 @@ def _format_args(qweight, tables: dict[str, torch.Tensor]) -> tuple[list[torch.T
     return ptrs, consts
 
 
-def block_config(M: int, N: int, K: int, *, backward: bool = False) -> dict[str, int]:
-    """Tile sizes: small tiles under the interpreter (speed of the CPU tests); on a GPU a
-    heuristic by M (not yet tuned on hardware: no GPU was available when this was written)."""
+def _aligned(K: int, BK: int, group: int) -> bool:
+    """The fast decode applies: whole BK tiles, each holding whole groups."""
+    return K % BK == 0 and BK % group == 0
+
+
+def _fit_bk(BK: int, K: int, group: int) -> int:
+    """BK grown to a multiple of the group (≤ 256) where that keeps the fast decode."""
+    if BK % group and group <= 256 and group & (group - 1) == 0 and K % group == 0:
+        BK = max(BK, group)
+    return BK
+
+
+def fused_for(M: int) -> bool:
+    """The fused kernels (not decode-then-cuBLAS) for M tokens."""
+    return M <= FUSED_MAX_M
+
+
+def block_config(M: int, N: int, K: int, group: int = 1, *, backward: bool = False) -> dict[str, int]:
+    """Tile sizes of the fused kernels. Under the interpreter: small tiles (speed of the CPU
+    tests). On a GPU: per-M configs from an offline sweep on an H100 (4096², bf16, nf4 and
+    int4 g128; ``benchmarks/kernels.py --sweep``)."""
     if interpreting():
-        return {"BM": 16, "BN": 32, "BK": 32}
-    if M <= 16:
-        cfg = {"BM": 16, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 4}
-    elif M <= 128:
-        cfg = {"BM": 64, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 4}
-    else:
-        cfg = {"BM": 128, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3}
+        return {"BM": 16, "BN": 32, "BK": 64 if K % 64 == 0 else 32}
+    if not backward:  # tiles over (M, N), loop over K
+        if M <= 16:
+            cfg = {"BM": 16, "BN": 32, "BK": 256, "num_warps": 4, "num_stages": 3}
+        elif M <= 32:
+            cfg = {"BM": 32, "BN": 32, "BK": 256, "num_warps": 4, "num_stages": 3}
+        elif M <= 64:
+            cfg = {"BM": 64, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 3}
+        elif M <= 128:
+            cfg = {"BM": 128, "BN": 64, "BK": 128, "num_warps": 8, "num_stages": 3}
+        else:
+            cfg = {"BM": 128, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3}
+    else:  # tiles over (M, K), loop over N
+        if M <= 16:
+            cfg = {"BM": 16, "BN": 128, "BK": 64, "num_warps": 4, "num_stages": 3}
+        elif M <= 64:
+            cfg = {"BM": 64, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 3}
+        else:
+            cfg = {"BM": 128, "BN": 64, "BK": 128, "num_warps": 8, "num_stages": 3}
+    cfg["BK"] = _fit_bk(cfg["BK"], K, group)
     return cfg
 
 
@@ -212,50 +316,77 @@ def _rank_block(r: int) -> int:
     return max(16, triton.next_power_of_2(max(r, 1)))
 
 
-def forward(x2: torch.Tensor, qweight, tables, xa: torch.Tensor | None, B: torch.Tensor | None, scale: float,
-            config: dict | None = None) -> torch.Tensor:  # fmt: skip
-    """y (M, N) = x2·deq(W)ᵀ + scale·xa·Bᵀ; x2 (M, K) contiguous, xa (M, r) and B (N, r) fp32."""
+def forward(x2: torch.Tensor, qweight, tables, A: torch.Tensor | None, B: torch.Tensor | None, scale: float,
+            config: dict | None = None, fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """(y, xa): y (M, N) = x2·deq(W)ᵀ + scale·(x2·Aᵀ)·Bᵀ and xa = x2·Aᵀ (M, r) (None without A).
+
+    x2 (M, K) contiguous; A (r, K), B (N, r). Fused kernel for small M (xa in fp32), else decode
+    W into a one-layer temporary and cuBLAS (xa in x2's dtype)."""
     M, K = x2.shape
     N = qweight.shape[0]
-    y = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
+    has_lora = A is not None and A.shape[0] > 0
+    if not (fused_for(M) if fused is None else fused):
+        w = dequantize(qweight, tables, x2.dtype)  # (N, K), the one-layer temporary
+        y = x2 @ w.t()
+        if not has_lora:
+            return y, None
+        xa = x2 @ A.t().to(x2.dtype)  # (M, r)
+        return y.addmm_(xa, B.t().to(x2.dtype), alpha=scale), xa
     ptrs, consts = _format_args(qweight, tables)
-    has_lora = xa is not None and xa.shape[1] > 0
-    r = xa.shape[1] if has_lora else 0
-    cfg = dict(config or block_config(M, N, K))
+    r = A.shape[0] if has_lora else 0
+    y = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
+    xa = torch.empty(M, r, dtype=torch.float32, device=x2.device) if has_lora else None
+    cfg = dict(config or block_config(M, N, K, consts["GROUP"]))
     grid = (triton.cdiv(M, cfg["BM"]), triton.cdiv(N, cfg["BN"]))
     _fwd_kernel[grid](
-        x2, xa if has_lora else x2, B if has_lora else x2, y, *ptrs, M, N, K, r, float(scale),
-        HAS_LORA=has_lora, PREC=_precision(x2.dtype), BR=_rank_block(r), enable_fp_fusion=False,
-        **consts, **cfg,
+        x2, A.contiguous() if has_lora else x2, B.contiguous() if has_lora else x2, y, xa if has_lora else y,
+        *ptrs, M, N, K, r, float(scale),
+        HAS_LORA=has_lora, PREC=_precision(x2.dtype), BR=_rank_block(r), ALIGNED=_aligned(K, cfg["BK"], consts["GROUP"]),
+        enable_fp_fusion=False, **consts, **cfg,
     )  # fmt: skip
-    return y
+    return y, xa
 
 
-def backward_dx(dy2: torch.Tensor, qweight, tables, dyb: torch.Tensor | None, A: torch.Tensor | None, scale: float,
-                config: dict | None = None) -> torch.Tensor:  # fmt: skip
-    """dx (M, K) = dy2·deq(W) + scale·dyb·A; dy2 (M, N) contiguous, dyb (M, r) and A (r, K) fp32."""
+def backward_dx(dy2: torch.Tensor, qweight, tables, A: torch.Tensor | None, B: torch.Tensor | None, scale: float,
+                config: dict | None = None, fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """(dx, dyb): dx (M, K) = dy2·deq(W) + scale·(dy2·B)·A and dyb = dy2·B (M, r) (None without A)."""
     M, N = dy2.shape
     K = qweight.shape[1]
-    dx = torch.empty(M, K, dtype=dy2.dtype, device=dy2.device)
+    has_lora = A is not None and A.shape[0] > 0
+    if not (fused_for(M) if fused is None else fused):
+        w = dequantize(qweight, tables, dy2.dtype)  # (N, K), the one-layer temporary
+        dx = dy2 @ w
+        if not has_lora:
+            return dx, None
+        dyb = dy2 @ B.to(dy2.dtype)  # (M, r)
+        return dx.addmm_(dyb, A.to(dy2.dtype), alpha=scale), dyb
     ptrs, consts = _format_args(qweight, tables)
-    has_lora = dyb is not None and dyb.shape[1] > 0
-    r = dyb.shape[1] if has_lora else 0
-    cfg = dict(config or block_config(M, N, K, backward=True))
+    r = A.shape[0] if has_lora else 0
+    dx = torch.empty(M, K, dtype=dy2.dtype, device=dy2.device)
+    dyb = torch.empty(M, r, dtype=torch.float32, device=dy2.device) if has_lora else None
+    cfg = dict(config or block_config(M, N, K, consts["GROUP"], backward=True))
     grid = (triton.cdiv(M, cfg["BM"]), triton.cdiv(K, cfg["BK"]))
     _dx_kernel[grid](
-        dy2, dyb if has_lora else dy2, A if has_lora else dy2, dx, *ptrs, M, N, K, r, float(scale),
-        HAS_LORA=has_lora, PREC=_precision(dy2.dtype), BR=_rank_block(r), enable_fp_fusion=False,
-        **consts, **cfg,
+        dy2, A.contiguous() if has_lora else dy2, B.contiguous() if has_lora else dy2, dx, dyb if has_lora else dx,
+        *ptrs, M, N, K, r, float(scale),
+        HAS_LORA=has_lora, PREC=_precision(dy2.dtype), BR=_rank_block(r), ALIGNED=_aligned(K, cfg["BK"], consts["GROUP"]),
+        enable_fp_fusion=False, **consts, **cfg,
     )  # fmt: skip
-    return dx
+    return dx, dyb
 
 
-def dequantize(qweight, tables) -> torch.Tensor:
-    """The dense fp32 deq(W) (N, K), decoded by the kernels' own ``_deq_tile``."""
+def dequantize(qweight, tables, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The dense deq(W) (N, K) in ``dtype`` (fp32: exact; else rounded once, as ``.to(dtype)``),
+    decoded by the kernels' own ``_deq_tile``."""
     N, K = qweight.shape
-    out = torch.empty(N, K, dtype=torch.float32, device=qweight.device)
+    out = torch.empty(N, K, dtype=dtype, device=qweight.device)
     ptrs, consts = _format_args(qweight, tables)
-    BN, BK = (16, 32) if interpreting() else (64, 128)
+    if interpreting():
+        BN, BK, warps = 16, 64 if K % 64 == 0 else 32, 4
+    else:
+        BN, BK, warps = 32, next((b for b in (256, 128, 64) if K % b == 0), 64), 4
+    BK = _fit_bk(BK, K, consts["GROUP"])
     grid = (triton.cdiv(N, BN), triton.cdiv(K, BK))
-    _deq_kernel[grid](out, *ptrs, N, K, BN=BN, BK=BK, enable_fp_fusion=False, **consts)
+    _deq_kernel[grid](out, *ptrs, N, K, ALIGNED=_aligned(K, BK, consts["GROUP"]), BN=BN, BK=BK,
+                      num_warps=warps, enable_fp_fusion=False, **consts)  # fmt: skip
     return out

@@ -91,7 +91,7 @@ def test_forward_and_grads_match_reference(fmt, shape, dtype):
     assert max(errors.values()) <= TOLERANCE[dtype], errors
 
 
-@pytest.mark.parametrize("fmt", ["nf4", "int8", "int3"])
+@pytest.mark.parametrize("fmt", ["nf4", "int8", "int4", "int3"])
 def test_three_d_input_and_no_adapter(fmt):
     N, K = 40, 64
     w = torch.randn(N, K, generator=torch.Generator().manual_seed(2))
@@ -121,12 +121,30 @@ def test_frozen_A_gets_no_gradient_and_weight_never_does():
     assert _rel(B.grad, expected_dB) <= 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("fmt", ["nf4", "int4", "int8"])
+def test_large_m_path_decode_then_gemm_matches_reference(fmt, dtype, monkeypatch):
+    # Prepare: every M takes the large-M path (one-layer decode in the activation dtype, then a GEMM)
+    monkeypatch.setattr(tk, "FUSED_MAX_M", 0)
+    w = torch.randn(48, 128, generator=torch.Generator().manual_seed(6)) * 0.05
+    q = _quantized(fmt, w)
+    # Execute
+    errors = _compare(q, dtype, 21, 5)
+    # Assert
+    assert max(errors.values()) <= TOLERANCE[dtype], errors
+
+
 @pytest.mark.parametrize("fmt", ["nf4", "nf4-fp32-absmax", "int8", "int4", "int3", "int2"])
 def test_kernel_dequantisation_is_bit_exact(fmt):
-    # Odd shapes: 37 rows, and for NF4 a row length (72) that makes 64-value blocks straddle rows.
-    w = torch.randn(37, 72 if fmt.startswith("nf4") else 96, generator=torch.Generator().manual_seed(3))
-    q = _quantized(fmt, w)
-    assert torch.equal(tk.dequantize(q, q.tables(DEVICE)), q.dequantize())
+    # Odd shapes: 37 rows, and for NF4 a row length (72) that makes 64-value blocks straddle rows
+    # (the per-element decode); 128 columns take the aligned decode (whole groups per tile).
+    for K in (72 if fmt.startswith("nf4") else 96, 128):
+        w = torch.randn(37, K, generator=torch.Generator().manual_seed(3))
+        q = _quantized(fmt, w)
+        ref = q.dequantize()
+        assert torch.equal(tk.dequantize(q, q.tables(DEVICE)), ref)
+        # the large-M path's temporary: rounded once to the activation dtype, as the reference rounds
+        assert torch.equal(tk.dequantize(q, q.tables(DEVICE), torch.float16), ref.to(torch.float16))
 
 
 def test_forced_triton_on_plain_cpu_is_a_clear_error(monkeypatch):
@@ -144,10 +162,13 @@ def test_forced_triton_on_plain_cpu_is_a_clear_error(monkeypatch):
 @gpu_only
 @pytest.mark.parametrize("fmt", ["nf4", "int8", "int4", "int3", "int2"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_gpu_forward_and_grads_match_reference(fmt, dtype):
+@pytest.mark.parametrize("path", ["auto", "fused"])
+def test_gpu_forward_and_grads_match_reference(fmt, dtype, path, monkeypatch):
+    if path == "fused":  # the fused kernels at every M (auto: decode + cuBLAS above FUSED_MAX_M)
+        monkeypatch.setattr(tk, "FUSED_MAX_M", 1 << 30)
     w = torch.randn(1024, 768, generator=torch.Generator().manual_seed(4)) * 0.02
     q = _quantized(fmt, w, 64)
-    for M in (16, 515):
+    for M in (16, 40, 100, 515):
         errors = _compare(q, dtype, M, 16)
         assert max(errors.values()) <= TOLERANCE[dtype], (M, errors)
 
