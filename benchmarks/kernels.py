@@ -288,13 +288,18 @@ def main() -> None:
                         row |= {"fwd_roofline_pct": round(100 * bound_f / t_f, 1), "fwd_bwd_roofline_pct": round(100 * bound_fb / t_fb, 1)}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
+            _write(args, name, device, dtype, rows)  # after each (shape, format): a cut run keeps its rows
+    print(_markdown(_write(args, name, device, dtype, rows), rows))
+
+
+def _write(args, name: str, device: str, dtype: torch.dtype, rows: list[dict]) -> dict:
     meta = _meta(name, device, dtype, args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tag = "cuda_" + name.replace(" ", "_") if cuda else "cpu"
+    tag = "cuda_" + name.replace(" ", "_") if device == "cuda" else "cpu"
     (out / f"kernels_{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (out / f"kernels_{tag}.md").write_text(_markdown(meta, rows))
-    print(_markdown(meta, rows))
+    return meta
 
 
 def _meta(name: str, device: str, dtype: torch.dtype, args) -> dict:
