@@ -2,7 +2,12 @@
 
     fedlora simulate [hydra overrides]      run a federation in Flower's simulation engine
                                             e.g. fedlora simulate model=tiny num_rounds=2
+    fedlora simulate resume=RUN_DIR [num_rounds=N]
+                                            continue a stopped run from its last checkpoint
     fedlora privacy-report RUN_DIR          write privacy_report.{json,md} and epsilon.png from a run's ledger
+    fedlora compare RUN_DIR... [--out DIR] [--skip-incomplete]
+                                            runs (or --multirun sweep dirs) side by side: compare.md,
+                                            compare.csv, loss / metric-vs-bytes / epsilon PNGs
     fedlora deploy certs OUT_DIR --host H [--host H …] [--node NAME …]
                                             CA, SuperLink TLS certificate, SuperNode auth keys
     fedlora deploy federation NAME --address HOST:PORT (--root-certificates CA | --insecure) [--default]
@@ -16,6 +21,8 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+
+import yaml
 
 USAGE = __doc__
 
@@ -37,6 +44,7 @@ def simulate_main(argv: list[str]) -> None:
     from omegaconf import DictConfig, OmegaConf
 
     from fedlora.adapters import AdapterError
+    from fedlora.checkpoint import CheckpointError, resume_config
     from fedlora.config import ConfigError, config_from_dict
     from fedlora.data import DataError
     from fedlora.models import ModelError
@@ -45,14 +53,36 @@ def simulate_main(argv: list[str]) -> None:
     @hydra.main(version_base=None, config_path=str(conf_dir()), config_name="config")
     def run(dcfg: DictConfig) -> None:
         try:
-            cfg = config_from_dict(OmegaConf.to_container(dcfg, resolve=True))
+            data = OmegaConf.to_container(dcfg, resolve=True)
+            if data.get("resume"):  # the run's own config, with what this command line sets on top
+                saved = yaml.safe_load((Path(data["resume"]) / "config.yaml").read_text())
+                data = resume_config(saved, data, list(HydraConfig.get().overrides.task))
+            cfg = config_from_dict(data)
             simulate(cfg, HydraConfig.get().runtime.output_dir)
-        except (ConfigError, DataError, AdapterError, ModelError) as err:
+        except (ConfigError, DataError, AdapterError, ModelError, CheckpointError) as err:
             raise SystemExit(f"fedlora: error: {err}") from None
 
+    argv = resume_argv(argv)
     multirun_check(argv)
     sys.argv = ["fedlora simulate", *argv]
     run()
+
+
+def resume_argv(argv: list[str]) -> list[str]:
+    """``resume=RUN_DIR``: check the directory is a run, make the path absolute, and point Hydra's
+    run directory at it without letting Hydra write there (a failed resume leaves it untouched)."""
+    given = [a for a in argv if a.startswith("resume=")]
+    if not given or not given[-1].split("=", 1)[1]:
+        return argv
+    run_dir = Path(given[-1].split("=", 1)[1]).expanduser().resolve()
+    if not (run_dir / "config.yaml").is_file():
+        raise SystemExit(f"fedlora: error: resume={run_dir}: not a fedlora run directory (no config.yaml); "
+                         "give the directory of the run to continue")
+    clash = [a for a in argv if a.startswith(("hydra.run.dir=", "-m", "--multirun"))]
+    if clash:
+        raise SystemExit(f"fedlora: error: resume= continues one run in its own directory; drop {' '.join(clash)}")
+    rest = [a for a in argv if not a.startswith("resume=")]
+    return [*rest, f"resume={run_dir}", f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"]
 
 
 def multirun_check(argv: list[str]) -> None:
@@ -89,6 +119,10 @@ def main(argv: list[str] | None = None) -> None:
         if len(rest) != 1:
             raise SystemExit(f"fedlora: privacy-report takes one RUN_DIR\n{USAGE}")
         privacy_report_main(rest[0])
+    elif command == "compare":
+        from fedlora.compare import compare_main
+
+        compare_main(rest)
     elif command == "deploy":
         from fedlora.deploy import deploy_main
 
