@@ -9,6 +9,7 @@ Hydra groups under ``simulations/conf/`` (``model/``, ``dataset/``, ``strategy/`
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -253,8 +254,13 @@ class StrategyConfig:
     fedsb_init_examples: int = 32
     """Examples per client for the init round's gradient estimate."""
     fedsb_oversample: int = 8
+    max_reply_bytes: int = 0
+    """A train reply larger than this (serialised bytes) is rejected unread; 0: four times the
+    adapter payload the client was sent, plus 1 MiB for its metrics and privacy entry."""
 
     def __post_init__(self) -> None:
+        if self.max_reply_bytes < 0:
+            raise ConfigError(f"strategy.max_reply_bytes={self.max_reply_bytes} must be ≥ 0 (0: automatic)")
         if not 0.0 < self.fraction_train <= 1.0:
             raise ConfigError(f"strategy.fraction_train={self.fraction_train} must lie in (0, 1]")
         if self.min_clients < 1:
@@ -286,12 +292,19 @@ class FedloraConfig:
     seed: int = 0
     run_dir: str = ""
     """Output folder; ``fedlora simulate`` sets it to Hydra's run directory."""
+    resume: str = ""
+    """A run directory to continue from its last checkpoint (``fedlora simulate resume=RUN_DIR``);
+    the run goes on in that directory, so ``run_dir`` becomes it."""
     client_cpus: float = 1.0
     """CPU cores per simulated client (Flower/Ray client resources)."""
     client_gpus: float = 0.0
     """GPU fraction per simulated client; set e.g. 0.25 to run four clients per GPU."""
 
     def __post_init__(self) -> None:
+        if self.resume:
+            if self.run_dir and os.path.abspath(self.run_dir) != os.path.abspath(self.resume):
+                raise ConfigError(f"resume={self.resume} continues in that run directory; drop run_dir={self.run_dir}")
+            self.run_dir = self.resume
         if self.num_rounds < 1:
             raise ConfigError(f"num_rounds={self.num_rounds} must be at least 1")
         if self.num_clients < 1:

@@ -8,16 +8,21 @@ from pathlib import Path
 
 import torch
 
-from fedlora.config import FedloraConfig
+from fedlora.config import FedloraConfig, config_to_dict
 from fedlora.partition import partition_dataset
 from fedlora.workspace import load_splits
 
 
 def preflight(cfg: FedloraConfig) -> None:
-    """Fail on bad strategy, data or partitioning before the simulation engine starts."""
+    """Fail on bad strategy, data, partitioning or checkpoint before the simulation engine starts."""
     from fedlora_server.strategy import make_strategy
 
     make_strategy(cfg)
+    if cfg.resume:  # corrupt or incompatible: refused here, with the run directory untouched
+        from fedlora.checkpoint import prepare_resume
+
+        ckpt = prepare_resume(cfg.resume, config_to_dict(cfg))
+        print(f"fedlora: resuming {cfg.resume} after round {ckpt.round} of {cfg.num_rounds}", flush=True)
     if cfg.dp.mode == "client":
         from fedlora.privacy import check_client_level_strategy
 
@@ -33,14 +38,16 @@ def client_gpu_fraction(cfg: FedloraConfig) -> float:
     return 1.0 / min(cfg.num_clients, 4)
 
 
-def simulate(cfg: FedloraConfig, run_dir: str | Path) -> None:
-    """Run ``cfg`` with ``cfg.num_clients`` virtual SuperNodes; outputs go to ``run_dir``."""
+def simulate(cfg: FedloraConfig, run_dir: str | Path, client_app=None) -> None:
+    """Run ``cfg`` with ``cfg.num_clients`` virtual SuperNodes; outputs go to ``run_dir`` (with
+    ``cfg.resume``: that run directory). ``client_app`` replaces fedlora's ClientApp (tests use it to
+    run clients that misbehave)."""
     from flwr.simulation import run_simulation
 
     from fedlora_client.app import make_client_app
     from fedlora_server.app import make_server_app
 
-    cfg = replace(cfg, run_dir=str(run_dir))
+    cfg = replace(cfg, run_dir=str(cfg.resume or run_dir))
     preflight(cfg)
     backend_config = {
         "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": client_gpu_fraction(cfg)},
@@ -48,7 +55,7 @@ def simulate(cfg: FedloraConfig, run_dir: str | Path) -> None:
     }
     run_simulation(
         server_app=make_server_app(cfg),
-        client_app=make_client_app(cfg),
+        client_app=client_app or make_client_app(cfg),
         num_supernodes=cfg.num_clients,
         backend_config=backend_config,
     )

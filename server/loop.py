@@ -27,6 +27,7 @@ from fedlora.checkpoint import (
     Checkpoint,
     CheckpointError,
     capture_rng,
+    ledger_entries_since,
     ledger_position,
     prepare_resume,
     restore_rng,
@@ -387,7 +388,7 @@ def restore_run(ckpt: Checkpoint, model, writer: RunWriter, rng: random.Random, 
         saved = ckpt.server.get("client_level_accountant")
         client_dp.accountant = most_spent(AccountantState.from_json(saved) if saved else None,
                                           restore_client_level_state(writer.dir))  # the ledger may know more
-    later = ledger_position(writer.dir)["entries"] - ckpt.ledger["entries"]
+    later = ledger_entries_since(writer.dir, ckpt.ledger)
     if later > 0:
         print(f"fedlora: {later} privacy ledger entries were written after round {ckpt.round} was saved (an interrupted "
               "round); they stay, so privacy spent then stays counted", flush=True)

@@ -13,6 +13,7 @@ import random
 from dataclasses import dataclass
 from types import ModuleType
 
+import numpy as np
 import torch
 
 from fedlora.adapters.lora import layer_generator, lora_scale
@@ -135,14 +136,63 @@ class LoraStrategy:
             return state.adapter
         return slicer(state, rank, scale=self.scale(rank))
 
+    def expected_reply(self, start: AdapterState) -> dict[str, tuple[int, ...]]:
+        """Key → shape of the update arrays a client that was sent ``start`` must reply with: the
+        parts of its strategy (A and B, B alone, or the r×r core R) and a scale per layer."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        for name, f in start.items():
+            r = f.rank
+            if "R" in self.parts:
+                shapes[f"{name}.lora_R"] = (r, r)
+            if "A" in self.parts:
+                shapes[f"{name}.lora_A"] = tuple(f.A.shape)
+            if "B" in self.parts:
+                shapes[f"{name}.lora_B"] = tuple(f.B.shape)
+            shapes[f"{name}.scale"] = (1,)
+        return shapes
+
+    def max_reply_bytes(self, start: AdapterState) -> int:
+        """The largest train reply accepted from a client sent ``start``: ``strategy.max_reply_bytes``,
+        or (0) four times the fp32 payload it should send plus 1 MiB for metrics and a privacy entry."""
+        if self.cfg.strategy.max_reply_bytes:
+            return self.cfg.strategy.max_reply_bytes
+        return 4 * sum(4 * math.prod(shape) for shape in self.expected_reply(start).values()) + 2**20
+
+    def check_reply(self, arrays: dict[str, np.ndarray], start: AdapterState) -> str | None:
+        """Why a client's raw update arrays must be rejected (wrong keys, rank, shape or dtype,
+        non-finite values), or None when they are fit to parse and aggregate. Checked before parsing,
+        so a reply that leaves out a part it must send is never filled in from ``start``."""
+        expected = self.expected_reply(start)
+        missing, extra = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
+        if missing or extra:
+            return (f"wrong keys: {len(missing)} missing {missing[:3]}, {len(extra)} unexpected {extra[:3]} "
+                    f"(strategy {self.name} replies with {', '.join(self.parts)} and a scale per layer)")
+        for key, want in expected.items():
+            got = tuple(np.shape(arrays[key]))
+            if got == want:
+                continue
+            name, part = key.rsplit(".", 1)
+            rank_axis = {"lora_A": 0, "lora_B": 1, "lora_R": 0}.get(part)
+            # only the rank differs: A (r', d_in), B (d_out, r'), R (r', r')
+            if rank_axis is not None and len(got) == 2 and (part != "lora_R" or got[0] == got[1]) and all(
+                    g == w or i == rank_axis or part == "lora_R" for i, (g, w) in enumerate(zip(got, want))):
+                return f"wrong rank: {key} has rank {got[rank_axis]}, but this client was sent rank {start[name].rank}"
+            return f"wrong shape: {key} is {got}, expected {want}"
+        for key, arr in arrays.items():
+            if np.asarray(arr).dtype.kind != "f":
+                return f"wrong dtype: {key} is {np.asarray(arr).dtype}, expected float32"
+            if not np.isfinite(arr).all():
+                return f"non-finite values in {key} ({int(np.size(arr) - np.isfinite(arr).sum())} of {np.size(arr)})"
+        return None
+
     def check_update(self, update: AdapterState, start: AdapterState) -> str | None:
-        """Why a client's update must be rejected, or None when it is fit to aggregate."""
+        """Why a parsed update must be rejected, or None when it is fit to aggregate."""
         reason = layout_mismatch(start, update)
         if reason:
-            return f"does not match the adapter it was sent ({reason})"
+            return f"wrong shape: does not match the adapter it was sent ({reason})"
         for name, f in update.items():
-            if not (torch.isfinite(f.A).all() and torch.isfinite(f.B).all()):
-                return f"{name}: non-finite values"
+            if not (torch.isfinite(f.A).all() and torch.isfinite(f.B).all()) or not math.isfinite(f.scale):
+                return f"non-finite values in {name}"
         return None
 
     def accumulator(self, state: GlobalState):
