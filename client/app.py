@@ -32,7 +32,7 @@ from fedlora.messages import (
 from fedlora.privacy import STATE_KEY, example_entry, persist_client_state, restore_client_state, train_local_dp
 from fedlora.fedsb_init import client_projection, client_range_sketch, draw_sketch
 from fedlora.training import dense_gradients, train_local
-from fedlora.workspace import build_model, client_datasets, tokenize
+from fedlora.workspace import build_model, client_examples, client_split
 
 
 def _config(context: Context, cfg: FedloraConfig | None) -> tuple[FedloraConfig, NodeSettings]:
@@ -46,9 +46,11 @@ def _config(context: Context, cfg: FedloraConfig | None) -> tuple[FedloraConfig,
 
 
 def _setup(msg: Message, context: Context, cfg: FedloraConfig | None):
+    """The run config, this node's settings, and a private copy of the process's cached base with a
+    fresh adapter loaded from the server's message (base terms applied to the copy only)."""
     cfg, node = _config(context, cfg)
     rc = dict(msg.content[CONFIG])
-    model, tokenizer = build_model(cfg, rank=node.rank, kind=str(rc["adapter_kind"]))
+    model, tokenizer = build_model(cfg, rank=node.rank, kind=str(rc["adapter_kind"]), reuse=True)
     if rc["adapter_kind"] == "sb":
         # The fixed frame arrives once; the node keeps it in its persistent state.
         if FRAME in msg.content:
@@ -59,8 +61,12 @@ def _setup(msg: Message, context: Context, cfg: FedloraConfig | None):
     start, base_terms, rc = read_train_content(msg.content, like=get_adapter_state(model))
     apply_base_terms(model, base_terms)
     set_adapter_state(model, start)
-    train_ds, eval_ds = client_datasets(cfg, node.partition_id, node.num_partitions, node.data_path)
-    return cfg, node, model, tokenizer, rc, train_ds, eval_ds
+    return cfg, node, model, tokenizer, rc
+
+
+def _examples(cfg: FedloraConfig, node: NodeSettings, tokenizer, split: str, limit: int = 0):
+    """This node's tokenised ``train`` or ``eval`` examples (prepared once per process)."""
+    return client_examples(cfg, tokenizer, node.partition_id, node.num_partitions, node.data_path, split, limit)
 
 
 def train_private(model, examples, cfg: FedloraConfig, node: NodeSettings, context: Context, rnd: int, kwargs: dict):
@@ -74,12 +80,12 @@ def train_private(model, examples, cfg: FedloraConfig, node: NodeSettings, conte
     return result, {"metrics": result.metrics(), "entry": json.dumps(entry)}
 
 
-def sb_init_pass(cfg: FedloraConfig, train_ds, msg: Message, rc: dict) -> RecordDict:
+def sb_init_pass(cfg: FedloraConfig, node: NodeSettings, msg: Message, rc: dict) -> RecordDict:
     """Fed-SB init: this client's gradient G_i on its first examples, sent only through thin
     sketches, Y_i = G_i·Ω (pass 1) or Z_i = Qᵀ·G_i (pass 2). The same examples are used in both
     passes, so G_i is the same matrix."""
-    model, tokenizer = build_model(cfg, kind="lora")
-    examples = tokenize(train_ds, tokenizer, cfg, limit=int(rc["n_examples"]))
+    model, tokenizer = build_model(cfg, kind="lora", reuse=True)
+    examples = _examples(cfg, node, tokenizer, "train", limit=int(rc["n_examples"]))
     grads = dense_gradients(model, examples, batch_size=cfg.train.batch_size, pad_id=tokenizer.pad_token_id)
     if rc["query"] == "sb_sketch":
         out = {}
@@ -106,17 +112,17 @@ def make_client_app(cfg: FedloraConfig | None = None) -> ClientApp:
     def query(msg: Message, context: Context) -> Message:
         """Node discovery (partition, rank, data size), or a pass of Fed-SB's init round."""
         run_cfg, node = _config(context, cfg)
-        train_ds, _ = client_datasets(run_cfg, node.partition_id, node.num_partitions, node.data_path)
         rc = dict(msg.content[CONFIG])
         if rc["query"] == "node-info":
+            train_ds = client_split(run_cfg, node.partition_id, node.num_partitions, node.data_path, "train")
             metrics = {"partition-id": node.partition_id, "rank": node.rank, "num-examples": len(train_ds)}
             return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
-        return Message(sb_init_pass(run_cfg, train_ds, msg, rc), reply_to=msg)
+        return Message(sb_init_pass(run_cfg, node, msg, rc), reply_to=msg)
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
-        run_cfg, node, model, tokenizer, rc, train_ds, _ = _setup(msg, context, cfg)
-        examples = tokenize(train_ds, tokenizer, run_cfg)
+        run_cfg, node, model, tokenizer, rc = _setup(msg, context, cfg)
+        examples = _examples(run_cfg, node, tokenizer, "train")
         rnd, steps = int(rc["round"]), run_cfg.train.local_steps
 
         def progress(step: int, loss: float) -> None:
@@ -139,8 +145,8 @@ def make_client_app(cfg: FedloraConfig | None = None) -> ClientApp:
 
     @client_app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        run_cfg, node, model, tokenizer, _, _, eval_ds = _setup(msg, context, cfg)
-        examples = tokenize(eval_ds, tokenizer, run_cfg, limit=run_cfg.eval.max_examples)
+        run_cfg, node, model, tokenizer, _ = _setup(msg, context, cfg)
+        examples = _examples(run_cfg, node, tokenizer, "eval", limit=run_cfg.eval.max_examples)
         result = evaluate_loss(model, examples, batch_size=run_cfg.eval.batch_size, pad_id=tokenizer.pad_token_id)
         metrics = {"num-examples": len(examples), "eval_loss": result.loss, "eval_tokens": result.tokens,
                    "partition-id": node.partition_id}
