@@ -178,7 +178,8 @@ def sweep(args) -> None:
     # 1. the deq kernel alone and the path crossover (fwd and dX, fused default vs decode + cuBLAS)
     for fmt, q in qs.items():
         tb = q.tables("cuda")
-        emit({"what": "deq_bf16", "fmt": fmt, "us": bench(lambda: tk.dequantize(q, tb, dt))})
+        for sel in (False, True) if fmt == "nf4" else (False,):
+            emit({"what": "deq_bf16", "fmt": fmt, "SELECT": sel, "us": bench(lambda: tk.dequantize(q, tb, dt, sel))})
         for M in (16, 32, 64, 128, 256, 512):
             x = torch.randn(M, K, device="cuda", dtype=dt)
             dy = torch.randn(M, N, device="cuda", dtype=dt)
@@ -189,19 +190,21 @@ def sweep(args) -> None:
             row["dense_fwd"] = bench(lambda: x @ W16.t())
             emit(row)
     # 2. tiles of the fused kernels at small M
-    grid_f = list(itertools.product((16, 32, 64), (128, 256), (2, 4), (4,)))
-    grid_b = list(itertools.product((32, 64, 128), (64, 128), (3,), (4,)))
+    grid_f = list(itertools.product((16, 32, 64), (128, 256), (2, 4), (4,), (False, True)))
+    grid_b = list(itertools.product((32, 64, 128), (128, 256), (3,), (4,), (False, True)))
     for M in (16, 64):
         for fmt, q in qs.items():
             tb = q.tables("cuda")
             x = torch.randn(M, K, device="cuda", dtype=dt)
             dy = torch.randn(M, N, device="cuda", dtype=dt)
             for kind, grid in (("fwd", grid_f), ("dx", grid_b)):
-                for BN, BK, st, wp in grid:
+                for BN, BK, st, wp, sel in grid:
+                    if sel and fmt != "nf4":
+                        continue
                     if time.time() > t_end:
                         print("deadline reached", flush=True)
                         return
-                    cfg = {"BM": max(16, M), "BN": BN, "BK": BK, "num_warps": wp, "num_stages": st}
+                    cfg = {"BM": max(16, M), "BN": BN, "BK": BK, "num_warps": wp, "num_stages": st, "SELECT": sel}
                     try:
                         if kind == "fwd":
                             us = bench(lambda: tk.forward(x, q, tb, A, B, s, config=cfg, fused=True))

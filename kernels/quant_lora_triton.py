@@ -51,11 +51,24 @@ FUSED_MAX_M = 128
 
 
 @triton.jit
+def _nf4_select(p4, q):
+    """levels[q] by a 4-level select tree over the 16 levels (registers, no per-value gather)."""
+    b0 = (q & 1) != 0
+    b1 = (q & 2) != 0
+    b2 = (q & 4) != 0
+    s0 = tl.where(b1, tl.where(b0, tl.load(p4 + 3), tl.load(p4 + 2)), tl.where(b0, tl.load(p4 + 1), tl.load(p4 + 0)))
+    s1 = tl.where(b1, tl.where(b0, tl.load(p4 + 7), tl.load(p4 + 6)), tl.where(b0, tl.load(p4 + 5), tl.load(p4 + 4)))
+    s2 = tl.where(b1, tl.where(b0, tl.load(p4 + 11), tl.load(p4 + 10)), tl.where(b0, tl.load(p4 + 9), tl.load(p4 + 8)))
+    s3 = tl.where(b1, tl.where(b0, tl.load(p4 + 15), tl.load(p4 + 14)), tl.where(b0, tl.load(p4 + 13), tl.load(p4 + 12)))
+    return tl.where((q & 8) != 0, tl.where(b2, s3, s2), tl.where(b2, s1, s0))
+
+
+@triton.jit
 def _deq_tile(
     p0, p1, p2, p3, p4, p5,  # format tensors (see _format_args)
     rows, k0, N, K,
     FMT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DQ: tl.constexpr, ALIGNED: tl.constexpr,
-    BN: tl.constexpr, BK: tl.constexpr,
+    SELECT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
     """deq(W)[rows, k0:k0+BK] as an fp32 (BN, BK) tile; zeros outside W."""
     rmask = rows < N
@@ -71,7 +84,10 @@ def _deq_tile(
                 byte = byte.to(tl.int32)
             if FMT == 0:  # NF4: p0 codes, p1 absmax, p2 absmax_scale, p3 absmax_offset, p4 levels, p5 absmax levels
                 # first value in the high nibble; levels looked up per nibble, then interleaved
-                lv = tl.join(tl.load(p4 + (byte >> 4)), tl.load(p4 + (byte & 15)))  # (BN, BK/2, 2)
+                if SELECT:
+                    lv = tl.join(_nf4_select(p4, byte >> 4), _nf4_select(p4, byte & 15))  # (BN, BK/2, 2)
+                else:
+                    lv = tl.join(tl.load(p4 + (byte >> 4)), tl.load(p4 + (byte & 15)))
                 lv = tl.reshape(lv, (BN, BK // 64, 64))
                 blk = rows[:, None] * (K // 64) + (k0 // 64 + tl.arange(0, BK // 64))[None, :]  # (BN, BK/64)
                 if DQ:
@@ -138,7 +154,7 @@ def _fwd_kernel(
     p0, p1, p2, p3, p4, p5,
     M, N, K, R, scale,
     FMT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DQ: tl.constexpr, ALIGNED: tl.constexpr,
-    HAS_LORA: tl.constexpr, PREC: tl.constexpr,
+    HAS_LORA: tl.constexpr, PREC: tl.constexpr, SELECT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -153,7 +169,7 @@ def _fwd_kernel(
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
         x = tl.load(x_row + rk[None, :], mask=mmask & (rk[None, :] < K), other=0.0)  # (BM, BK)
-        w = _deq_tile(p0, p1, p2, p3, p4, p5, rn, k0, N, K, FMT, BITS, GROUP, DQ, ALIGNED, BN, BK)
+        w = _deq_tile(p0, p1, p2, p3, p4, p5, rn, k0, N, K, FMT, BITS, GROUP, DQ, ALIGNED, SELECT, BN, BK)
         acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PREC)  # (BM, BK)·(BK, BN)
         if HAS_LORA:  # xa = x·Aᵀ, from the x tile already loaded
             a = tl.load(a_ptr + rr[:, None] * K + rk[None, :], mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0)
@@ -173,7 +189,7 @@ def _dx_kernel(
     p0, p1, p2, p3, p4, p5,
     M, N, K, R, scale,
     FMT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DQ: tl.constexpr, ALIGNED: tl.constexpr,
-    HAS_LORA: tl.constexpr, PREC: tl.constexpr,
+    HAS_LORA: tl.constexpr, PREC: tl.constexpr, SELECT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -189,7 +205,7 @@ def _dx_kernel(
     for n0 in range(0, N, BN):
         rn = n0 + tl.arange(0, BN)
         dy = tl.load(dy_row + rn[None, :], mask=mmask & (rn[None, :] < N), other=0.0)  # (BM, BN)
-        w = _deq_tile(p0, p1, p2, p3, p4, p5, rn, k0, N, K, FMT, BITS, GROUP, DQ, ALIGNED, BN, BK)
+        w = _deq_tile(p0, p1, p2, p3, p4, p5, rn, k0, N, K, FMT, BITS, GROUP, DQ, ALIGNED, SELECT, BN, BK)
         acc += tl.dot(dy, w.to(dy.dtype), input_precision=PREC)  # (BM, BN)·(BN, BK)
         if HAS_LORA:  # dyb = dy·B, from the dy tile already loaded
             b = tl.load(b_ptr + rn[:, None] * R + rr[None, :], mask=(rn[:, None] < N) & (rr[None, :] < R), other=0.0)
@@ -207,12 +223,12 @@ def _dx_kernel(
 def _deq_kernel(
     out_ptr, p0, p1, p2, p3, p4, p5, N, K,
     FMT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DQ: tl.constexpr, ALIGNED: tl.constexpr,
-    BN: tl.constexpr, BK: tl.constexpr,
+    SELECT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     k0 = tl.program_id(1) * BK
     rk = k0 + tl.arange(0, BK)
-    w = _deq_tile(p0, p1, p2, p3, p4, p5, rn, k0, N, K, FMT, BITS, GROUP, DQ, ALIGNED, BN, BK)
+    w = _deq_tile(p0, p1, p2, p3, p4, p5, rn, k0, N, K, FMT, BITS, GROUP, DQ, ALIGNED, SELECT, BN, BK)
     mask = (rn[:, None] < N) & (rk[None, :] < K)
     tl.store(out_ptr + rn[:, None] * K + rk[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -233,10 +249,8 @@ def _format_args(qweight, tables: dict[str, torch.Tensor]) -> tuple[list[torch.T
     N, K = qweight.shape
     if N * K >= 2**31:
         raise ValueError(f"a {N}x{K} weight overflows the kernels' int32 indices (N·K must be < 2³¹)")
-    dummy = tables.get("dummy")
-    if dummy is None:
-        dummy = torch.zeros(1, dtype=torch.uint8, device=qweight.device)
-    consts = {"FMT": _FORMATS[kind], "BITS": 8, "GROUP": 1, "DQ": False}
+    dummy = qweight.codes if kind in ("nf4", "int8") else qweight.plane0  # stands in for absent tensors: never read
+    consts = {"FMT": _FORMATS[kind], "BITS": 8, "GROUP": 1, "DQ": False, "SELECT": False}
     if kind == "nf4":
         dq = qweight.absmax_scale is not None
         ptrs = [
@@ -264,14 +278,16 @@ def _format_args(qweight, tables: dict[str, torch.Tensor]) -> tuple[list[torch.T
 
 
 def _aligned(K: int, BK: int, group: int) -> bool:
-    """The fast decode applies: whole BK tiles, each holding whole groups."""
-    return K % BK == 0 and BK % group == 0
+    """The fast decode applies: whole BK tiles, each holding whole groups — at least two, or none
+    (int8): a tile of a single group gives a size-1 dimension that Triton 3.6 miscompiles
+    (illegal memory access on an H100)."""
+    return K % BK == 0 and BK % group == 0 and (group == 1 or BK >= 2 * group)
 
 
 def _fit_bk(BK: int, K: int, group: int) -> int:
-    """BK grown to a multiple of the group (≤ 256) where that keeps the fast decode."""
-    if BK % group and group <= 256 and group & (group - 1) == 0 and K % group == 0:
-        BK = max(BK, group)
+    """BK grown to two groups (≤ 256) where that keeps the fast decode."""
+    if group > 1 and group <= 128 and group & (group - 1) == 0 and K % (2 * group) == 0 and BK < 2 * group:
+        BK = 2 * group
     return BK
 
 
@@ -285,7 +301,7 @@ def block_config(M: int, N: int, K: int, group: int = 1, *, backward: bool = Fal
     tests). On a GPU: per-M configs from an offline sweep on an H100 (4096², bf16, nf4 and
     int4 g128; ``benchmarks/kernels.py --sweep``)."""
     if interpreting():
-        return {"BM": 16, "BN": 32, "BK": 64 if K % 64 == 0 else 32}
+        return {"BM": 16, "BN": 32, "BK": next(b for b in (128, 64, 32, 16) if K % b == 0 or b == 16)}
     if not backward:  # tiles over (M, N), loop over K
         if M <= 16:
             cfg = {"BM": 16, "BN": 32, "BK": 256, "num_warps": 4, "num_stages": 3}
@@ -342,7 +358,7 @@ def forward(x2: torch.Tensor, qweight, tables, A: torch.Tensor | None, B: torch.
         x2, A.contiguous() if has_lora else x2, B.contiguous() if has_lora else x2, y, xa if has_lora else y,
         *ptrs, M, N, K, r, float(scale),
         HAS_LORA=has_lora, PREC=_precision(x2.dtype), BR=_rank_block(r), ALIGNED=_aligned(K, cfg["BK"], consts["GROUP"]),
-        enable_fp_fusion=False, **consts, **cfg,
+        enable_fp_fusion=False, **(consts | cfg),
     )  # fmt: skip
     return y, xa
 
@@ -370,23 +386,23 @@ def backward_dx(dy2: torch.Tensor, qweight, tables, A: torch.Tensor | None, B: t
         dy2, A.contiguous() if has_lora else dy2, B.contiguous() if has_lora else dy2, dx, dyb if has_lora else dx,
         *ptrs, M, N, K, r, float(scale),
         HAS_LORA=has_lora, PREC=_precision(dy2.dtype), BR=_rank_block(r), ALIGNED=_aligned(K, cfg["BK"], consts["GROUP"]),
-        enable_fp_fusion=False, **consts, **cfg,
+        enable_fp_fusion=False, **(consts | cfg),
     )  # fmt: skip
     return dx, dyb
 
 
-def dequantize(qweight, tables, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize(qweight, tables, dtype: torch.dtype = torch.float32, select: bool = False) -> torch.Tensor:
     """The dense deq(W) (N, K) in ``dtype`` (fp32: exact; else rounded once, as ``.to(dtype)``),
     decoded by the kernels' own ``_deq_tile``."""
     N, K = qweight.shape
     out = torch.empty(N, K, dtype=dtype, device=qweight.device)
     ptrs, consts = _format_args(qweight, tables)
     if interpreting():
-        BN, BK, warps = 16, 64 if K % 64 == 0 else 32, 4
+        BN, BK, warps = 16, next(b for b in (128, 64, 32, 16) if K % b == 0 or b == 16), 4
     else:
         BN, BK, warps = 32, next((b for b in (256, 128, 64) if K % b == 0), 64), 4
     BK = _fit_bk(BK, K, consts["GROUP"])
     grid = (triton.cdiv(N, BN), triton.cdiv(K, BK))
     _deq_kernel[grid](out, *ptrs, N, K, ALIGNED=_aligned(K, BK, consts["GROUP"]), BN=BN, BK=BK,
-                      num_warps=warps, enable_fp_fusion=False, **consts)  # fmt: skip
+                      num_warps=warps, enable_fp_fusion=False, **(consts | {"SELECT": select}))  # fmt: skip
     return out

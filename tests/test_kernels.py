@@ -145,6 +145,8 @@ def test_kernel_dequantisation_is_bit_exact(fmt):
         assert torch.equal(tk.dequantize(q, q.tables(DEVICE)), ref)
         # the large-M path's temporary: rounded once to the activation dtype, as the reference rounds
         assert torch.equal(tk.dequantize(q, q.tables(DEVICE), torch.float16), ref.to(torch.float16))
+        if fmt.startswith("nf4"):  # levels by the register select tree instead of the table lookup
+            assert torch.equal(tk.dequantize(q, q.tables(DEVICE), select=True), ref)
 
 
 def test_forced_triton_on_plain_cpu_is_a_clear_error(monkeypatch):
