@@ -13,7 +13,8 @@ folder holding every RUN_DIR):
 * ``compare_eval_loss.png``: held-out loss per round, one line per run;
 * ``compare_metric_vs_bytes.png``: final eval loss (and accuracy) against total bytes on the wire,
   with the Pareto front (nothing else is both cheaper and better) marked;
-* ``compare_epsilon.png``: ε spent per round, when any run used DP.
+* ``compare_epsilon.png``: ε spent per round, and ``compare_privacy.png``: final metric against the
+  ε spent (the same strategy without DP dashed), when any run used DP.
 
 Eval losses are comparable only over the same held-out data, so runs over different datasets are
 refused.
@@ -260,6 +261,8 @@ def csv_row(run: Run, fronts: dict[str, set[int]], index: int) -> dict[str, Any]
     s = run.summary
     return {
         "run": run.label, "strategy": run.strategy, "ranks": run.ranks, "dp": run.dp, "epsilon": run.epsilon,
+        "target_epsilon": run.config.get("dp", {}).get("target_epsilon"),
+        "noise_multiplier": run.config.get("dp", {}).get("noise_multiplier"),
         "alpha": run.alpha, "rounds": s.get("rounds"), "initial_eval_loss": s.get("initial_eval_loss"),
         "final_eval_loss": s["final_eval_loss"], "token_accuracy": run.token_accuracy, "gsm8k_accuracy": run.accuracy,
         "total_bytes_up": s["total_bytes_up"], "total_bytes_down": s["total_bytes_down"],
@@ -362,8 +365,35 @@ def plot(runs: list[Run], out: Path, fronts: dict[str, set[int]]) -> list[str]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
         names.append(_save(fig, out / "compare_epsilon.png"))
+        names.append(_privacy_utility(runs, out, fronts, plt))
     plt.close("all")
     return names
+
+
+def _privacy_utility(runs: list[Run], out: Path, fronts: dict[str, set[int]], plt) -> str:
+    """Final metric against the ε spent, one line per strategy and ranks; that pair's run without
+    DP (when there is one) as a dashed line of the same colour: what privacy costs."""
+    from matplotlib.ticker import FuncFormatter
+
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(f"{run.strategy} r={run.ranks}", []).append(run)
+    panels = [(name, label) for name, label, _ in METRICS if name in fronts]
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5), squeeze=False)
+    for ax, (name, ylabel) in zip(axes[0], panels):
+        for i, (group, members) in enumerate(groups.items()):
+            color = f"C{i % 10}"
+            private = sorted((r for r in members if r.epsilon is not None), key=lambda r: r.epsilon)
+            ax.plot([r.epsilon for r in private], [r.metric(name) for r in private], "o-", color=color, label=group)
+            for r in members:
+                if r.epsilon is None:
+                    ax.axhline(r.metric(name), color=color, linestyle="--", alpha=0.7)
+        ax.set(xscale="log", xlabel="ε spent (worst client; dashed: no DP)", ylabel=ylabel)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize="small")
+    fig.suptitle("privacy against utility")
+    return _save(fig, out / "compare_privacy.png")
 
 
 def _save(fig, path: Path) -> str:
