@@ -1,0 +1,257 @@
+"""Checkpoint and resume in real Flower simulations on the tiny model.
+
+A run killed (SIGKILL of its whole process group) while its clients train round 2, then resumed
+with ``fedlora simulate resume=RUN_DIR``, must equal the same run left alone: every metric, the
+final adapter and the whole server state (base terms, strategy extras). Under example-level DP a
+run stopped after round 1 and resumed to round 2 continues each client's ε. Damaged and
+incompatible checkpoints are refused before any work, with the run directory unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_fault_tolerance import TINY, run_faulty
+
+from fedlora.checkpoint import CheckpointError, load_checkpoint, prepare_resume, round_dirs
+
+COMPARED = ("round", "clients", "rejected", "train_loss", "eval_loss", "eval_token_accuracy", "agg_error",
+            "bytes_up", "bytes_down", "epsilon")
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def tree_hashes(run_dir: Path) -> dict[str, str]:
+    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def flat_tensors(value, prefix="") -> dict[str, torch.Tensor]:
+    """Every tensor in a (nested) server state, by path."""
+    if isinstance(value, torch.Tensor):
+        return {prefix: value}
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return {}
+    out = {}
+    for k, v in items:
+        out.update(flat_tensors(v, f"{prefix}/{k}"))
+    return out
+
+
+def assert_same_run(resumed: Path, straight: Path, rounds: int):
+    """Equal metrics, final adapter and final server state; returns both final checkpoints."""
+    a, b = rows(resumed), rows(straight)
+    assert [r["round"] for r in a] == [r["round"] for r in b] == list(range(rounds + 1))
+    for ra, rb in zip(a, b):
+        for key in COMPARED:
+            if isinstance(rb.get(key), float):
+                assert ra[key] == pytest.approx(rb[key], rel=1e-6, abs=1e-9), (ra["round"], key)
+            else:
+                assert ra.get(key) == rb.get(key), (ra["round"], key)
+    fa, fb = load_file(str(resumed / "adapter/adapter_model.safetensors")), load_file(str(straight / "adapter/adapter_model.safetensors"))
+    assert fa.keys() == fb.keys() and fa
+    for k in fa:
+        torch.testing.assert_close(fa[k], fb[k], rtol=1e-5, atol=1e-7)
+    sa, sb = load_checkpoint(round_dirs(resumed)[-1]), load_checkpoint(round_dirs(straight)[-1])
+    assert sa.round == sb.round == rounds
+    ta, tb = flat_tensors({"adapter": sa.state.adapter, "base": sa.state.base_terms, "extras": sa.state.extras}), \
+        flat_tensors({"adapter": sb.state.adapter, "base": sb.state.base_terms, "extras": sb.state.extras})
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        torch.testing.assert_close(ta[k], tb[k], rtol=1e-5, atol=1e-7, msg=k)
+    return sa, sb
+
+
+def interrupted_and_resumed(tmp: Path, run_cli, overrides: list[str]) -> Path:
+    """Kill the run while its clients train round 2, check what it left, resume it to the end."""
+    proc = run_faulty(tmp, overrides, {0: {"fault": "kill_driver", "rounds": [2]}})
+    run_dir = tmp / "run"
+    assert proc.returncode == -9, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert [p.name for p in round_dirs(run_dir)] == ["round-00000", "round-00001"]
+    assert [r["round"] for r in rows(run_dir)] == [0, 1]
+    assert not (run_dir / "summary.json").exists()
+    proc = run_cli("simulate", f"resume={run_dir}", cwd=tmp)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "resuming after round 1" in proc.stdout
+    return run_dir
+
+
+@pytest.fixture(scope="module", params=["fedavg", "fedex"])
+def resumed_pair(request, tmp_path_factory, run_cli) -> tuple[str, Path, Path]:
+    overrides = [*TINY, f"strategy={request.param}", "num_rounds=3"]
+    straight = tmp_path_factory.mktemp(f"straight-{request.param}")
+    proc = run_faulty(straight, overrides, {})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    resumed = interrupted_and_resumed(tmp_path_factory.mktemp(f"resumed-{request.param}"), run_cli, overrides)
+    return request.param, resumed, straight / "run"
+
+
+def test_a_killed_and_resumed_run_equals_the_uninterrupted_run(resumed_pair):
+    strategy, resumed, straight = resumed_pair
+    sa, _ = assert_same_run(resumed, straight, rounds=3)
+    if strategy == "fedex":  # the state that must survive: residual terms folded into the base
+        assert sum(len(t) for t in sa.state.base_terms.values()) > 0
+    summary = json.loads((resumed / "summary.json").read_text())
+    assert summary["rounds"] == 3 and (resumed / "report.md").is_file()
+    assert [p.name for p in round_dirs(resumed)] == ["round-00002", "round-00003"]  # the newest two are kept
+
+
+def test_example_level_dp_epsilon_continues_across_a_resume(tmp_path, run_cli):
+    dp = [*TINY, "strategy=ffa", "dp=example", "dp.noise_multiplier=1.0", "dp.target_epsilon=null"]
+    straight = tmp_path / "straight"
+    proc = run_cli("simulate", *dp, "num_rounds=2", f"hydra.run.dir={straight}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    resumed = tmp_path / "resumed"
+    proc = run_cli("simulate", *dp, "num_rounds=1", f"hydra.run.dir={resumed}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    eps_round1 = rows(resumed)[1]["epsilon"]
+    proc = run_cli("simulate", f"resume={resumed}", "num_rounds=2", cwd=tmp_path)  # more rounds than planned
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+    eps = [r["epsilon"] for r in rows(resumed)[1:]]
+    eps_straight = [r["epsilon"] for r in rows(straight)[1:]]
+    assert eps[0] == eps_round1
+    assert eps == pytest.approx(eps_straight, rel=1e-9)  # the same composition: σ, q and steps
+    assert 0 < eps[0] < eps[1]  # cumulative, not restarted at round 2
+    for client in ("0", "1"):  # each client's accountant holds both rounds' steps
+        state = json.loads((resumed / "clients" / client / "privacy.json").read_text())
+        assert sum(h[2] for h in state["history"]) == 2 * 2  # 2 rounds × train.local_steps=2
+    report = json.loads((resumed / "privacy_report.json").read_text())
+    assert report["worst_client"]["epsilon"] == pytest.approx(eps[1], rel=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# refusals: before any work, nothing in the run directory changed
+
+
+@pytest.fixture
+def finished_run(resumed_pair, tmp_path) -> Path:
+    strategy, resumed, _ = resumed_pair
+    if strategy != "fedavg":
+        pytest.skip("refusals are checked once, on the fedavg run")
+    copy = tmp_path / "run"
+    shutil.copytree(resumed, copy)
+    return copy
+
+
+def refuse(run_cli, run_dir: Path, *overrides: str) -> str:
+    before = tree_hashes(run_dir)
+    proc = run_cli("simulate", f"resume={run_dir}", *overrides, cwd=run_dir.parent)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "ClientAppActor" not in proc.stdout + proc.stderr  # refused before the simulation started
+    assert tree_hashes(run_dir) == before  # nothing overwritten, truncated or deleted
+    return proc.stdout + proc.stderr
+
+
+def test_a_damaged_checkpoint_is_refused_naming_the_file_and_the_older_one(finished_run, run_cli):
+    state = round_dirs(finished_run)[-1] / "state.safetensors"
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    state.write_bytes(bytes(data))
+    out = refuse(run_cli, finished_run, "num_rounds=4")
+    assert f"{state} fails its sha256 check" in out
+    assert "The older checkpoint round-00002 verifies: move" in out and "to resume from round 2" in out
+
+
+def test_a_truncated_checkpoint_is_refused(finished_run, run_cli):
+    state = round_dirs(finished_run)[-1] / "state.safetensors"
+    size = state.stat().st_size
+    state.write_bytes(state.read_bytes()[: size // 3])
+    out = refuse(run_cli, finished_run, "num_rounds=4")
+    assert f"has {size // 3} bytes, the manifest says {size} (truncated or damaged)" in out
+
+
+@pytest.mark.parametrize("override,message", [
+    ("strategy=fedex", "strategy.name: checkpoint 'fedavg', now 'fedex'"),
+    ("adapter.rank=4", "adapter.rank: checkpoint 8, now 4"),
+    ("seed=1", "seed: checkpoint 0, now 1"),
+    ("model=gemma3-270m", "model.name_or_path: checkpoint 'tiny', now 'gemma3-270m'"),
+])
+def test_an_incompatible_checkpoint_is_refused_with_the_difference_and_the_fix(finished_run, run_cli, override, message):
+    out = refuse(run_cli, finished_run, override)
+    assert "belongs to a different run configuration" in out and message in out
+    assert "Resume with the settings in" in out
+
+
+def test_resume_checks_rounds_budget_and_ledger(finished_run):
+    config = load_checkpoint(round_dirs(finished_run)[-1]).config
+    with pytest.raises(CheckpointError, match="num_rounds=2 is below the checkpoint's round 3"):
+        prepare_resume(finished_run, {**config, "num_rounds": 2})
+    dp = {**config["dp"], "mode": "example", "target_epsilon": 8.0}
+    with pytest.raises(CheckpointError, match="different run configuration: dp.mode"):
+        prepare_resume(finished_run, {**config, "dp": dp})
+    with pytest.raises(CheckpointError, match="no checkpoint in"):
+        prepare_resume(finished_run / "adapter", config)
+    assert prepare_resume(finished_run, {**config, "num_rounds": 5, "eval": {**config["eval"], "max_examples": 2}}).round == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# the checkpoint format itself (no simulation)
+
+
+def synthetic_checkpoint(tmp_path: Path, rnd: int = 1, **config):
+    from fedlora.aggregation import fedsb
+    from fedlora.aggregation.padding import DenseTerm
+    from fedlora.checkpoint import Checkpoint, capture_rng, save_checkpoint
+    import random
+
+    gen = torch.Generator().manual_seed(0)
+    frame = {"l0": (torch.randn(6, 4, generator=gen), torch.randn(4, 5, generator=gen))}
+    state = fedsb.initial_state(frame, 2.0, seed=3, min_rank=4)
+    state.base_terms["l0"] = [DenseTerm(torch.randn(6, 5, generator=gen))]
+    state.extras["rank_scales"] = {4: 2.0, 8: 1.0}
+    cfg = {"num_rounds": 3, "seed": 0, "model": {"name_or_path": "tiny", "device": "auto"},
+           "dp": {"mode": "none", "target_epsilon": None}, "eval": {"max_examples": 8}, **config}
+    rng_state, rng_tensors = capture_rng(random.Random(0))
+    save_checkpoint(tmp_path, Checkpoint(rnd, state, cfg, [{"round": i} for i in range(rnd + 1)], rng_state, rng_tensors))
+    return state, cfg
+
+
+def test_a_checkpoint_round_trips_the_state_exactly(tmp_path):
+    state, cfg = synthetic_checkpoint(tmp_path)
+    ckpt = prepare_resume(tmp_path, {**cfg, "num_rounds": 9, "eval": {"max_examples": 2}})  # may change
+    assert ckpt.round == 1 and ckpt.metrics == [{"round": 0}, {"round": 1}]
+    assert ckpt.state.extras["rank_scales"] == {4: 2.0, 8: 1.0}  # int keys stay ints
+    assert type(ckpt.state.base_terms["l0"][0]).__name__ == "DenseTerm"
+    assert flat_tensors(ckpt.state.extras).keys() == flat_tensors(state.extras).keys()
+    for k, t in flat_tensors({"a": state.adapter, "b": state.base_terms, "e": state.extras}).items():
+        assert torch.equal(flat_tensors({"a": ckpt.state.adapter, "b": ckpt.state.base_terms, "e": ckpt.state.extras})[k], t), k
+
+
+def test_an_edited_manifest_and_a_changed_dp_plan_are_refused(tmp_path):
+    _, cfg = synthetic_checkpoint(tmp_path, dp={"mode": "example", "target_epsilon": 8.0})
+    with pytest.raises(CheckpointError, match="calibrated σ for num_rounds=3; .* Keep num_rounds=3"):
+        prepare_resume(tmp_path, {**cfg, "num_rounds": 4})
+    manifest = round_dirs(tmp_path)[-1] / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"round": 1', '"round": 2', 1))
+    with pytest.raises(CheckpointError, match="manifest.json fails its sha256 check"):
+        prepare_resume(tmp_path, cfg)
+    manifest.write_text(manifest.read_text()[:100])
+    with pytest.raises(CheckpointError, match="is not valid JSON"):
+        prepare_resume(tmp_path, cfg)
+
+
+def test_a_shortened_privacy_ledger_is_refused(tmp_path):
+    from fedlora.checkpoint import Checkpoint, ledger_position, save_checkpoint
+
+    state, cfg = synthetic_checkpoint(tmp_path)
+    (tmp_path / "privacy_ledger.jsonl").write_text('{"kind": "run"}\n{"kind": "example"}\n')
+    ckpt = load_checkpoint(round_dirs(tmp_path)[-1])
+    save_checkpoint(tmp_path, Checkpoint(2, state, cfg, ckpt.metrics + [{"round": 2}], ckpt.rng, ckpt.rng_tensors,
+                                         ledger_position(tmp_path)))
+    (tmp_path / "privacy_ledger.jsonl").write_text('{"kind": "run"}\n')
+    with pytest.raises(CheckpointError, match="truncated or replaced, and the privacy loss"):
+        prepare_resume(tmp_path, cfg)
