@@ -47,7 +47,7 @@ FMT_NF4, FMT_INT8, FMT_INTK = 0, 1, 2
 _FORMATS = {"nf4": FMT_NF4, "int8": FMT_INT8, "intk": FMT_INTK}
 # M above which the forward and dX decode W into a one-layer temporary and call cuBLAS (tuned on
 # an H100, 4096², r = 16: see docs/quantization.md).
-FUSED_MAX_M = 128
+FUSED_MAX_M = 32
 
 
 @triton.jit
@@ -152,13 +152,17 @@ def _deq_tile(
 def _fwd_kernel(
     x_ptr, a_ptr, b_ptr, y_ptr, xa_ptr,
     p0, p1, p2, p3, p4, p5,
-    M, N, K, R, scale,
+    M, N, K, R, KS, scale,
     FMT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DQ: tl.constexpr, ALIGNED: tl.constexpr,
-    HAS_LORA: tl.constexpr, PREC: tl.constexpr, SELECT: tl.constexpr,
+    HAS_LORA: tl.constexpr, PREC: tl.constexpr, SELECT: tl.constexpr, SPLIT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
 ):  # fmt: skip
+    """One (BM, BN) tile of y over the K range [pid_s·KS, (pid_s+1)·KS). SPLIT > 1 (split-K, for
+    small M: more programs in flight on a weight-bound GEMV): partial sums — of the GEMM and of
+    the LoRA term, which is linear in x·Aᵀ — are atomically added to fp32 y and xa."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    k_lo = tl.program_id(2) * KS
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     rr = tl.arange(0, BR)
@@ -166,7 +170,7 @@ def _fwd_kernel(
     x_row = x_ptr + rm.to(tl.int64)[:, None] * K  # (BM, 1)
     acc = tl.full((BM, BN), 0.0, tl.float32)
     xa = tl.full((BM, BR), 0.0, tl.float32)
-    for k0 in range(0, K, BK):
+    for k0 in range(k_lo, k_lo + KS, BK):
         rk = k0 + tl.arange(0, BK)
         x = tl.load(x_row + rk[None, :], mask=mmask & (rk[None, :] < K), other=0.0)  # (BM, BK)
         w = _deq_tile(p0, p1, p2, p3, p4, p5, rn, k0, N, K, FMT, BITS, GROUP, DQ, ALIGNED, SELECT, BN, BK)
@@ -176,24 +180,34 @@ def _fwd_kernel(
             xa += tl.dot(x, tl.trans(a.to(x.dtype)), input_precision=PREC)  # (BM, BK)·(BK, BR)
     if HAS_LORA:  # + s·(x·Aᵀ)·Bᵀ
         b = tl.load(b_ptr + rn[:, None] * R + rr[None, :], mask=(rn[:, None] < N) & (rr[None, :] < R), other=0.0)
-        acc += scale * tl.dot(xa, tl.trans(b), input_precision=PREC)
+        acc += scale * tl.dot(xa, tl.trans(b), input_precision=PREC)  # Bᵀ K-major: fine for tf32 wgmma
+        xa_out = xa_ptr + rm[:, None] * R + rr[None, :]
         if pid_n == 0:  # every N tile formed the same xa; one writes it for the backward
-            tl.store(xa_ptr + rm[:, None] * R + rr[None, :], xa, mask=mmask & (rr[None, :] < R))
+            if SPLIT == 1:
+                tl.store(xa_out, xa, mask=mmask & (rr[None, :] < R))
+            else:
+                tl.atomic_add(xa_out, xa, mask=mmask & (rr[None, :] < R))
     out = y_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :]
-    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mmask & (rn[None, :] < N))
+    if SPLIT == 1:
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mmask & (rn[None, :] < N))
+    else:
+        tl.atomic_add(out, acc, mask=mmask & (rn[None, :] < N))
 
 
 @triton.jit
 def _dx_kernel(
     dy_ptr, a_ptr, b_ptr, dx_ptr, dyb_ptr,
     p0, p1, p2, p3, p4, p5,
-    M, N, K, R, scale,
+    M, N, K, R, NS, scale,
     FMT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DQ: tl.constexpr, ALIGNED: tl.constexpr,
-    HAS_LORA: tl.constexpr, PREC: tl.constexpr, SELECT: tl.constexpr,
+    HAS_LORA: tl.constexpr, PREC: tl.constexpr, SELECT: tl.constexpr, SPLIT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
 ):  # fmt: skip
+    """One (BM, BK) tile of dx over the N range [pid_s·NS, (pid_s+1)·NS) (SPLIT > 1: atomics,
+    as in ``_fwd_kernel``)."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
+    n_lo = tl.program_id(2) * NS
     rm = pid_m * BM + tl.arange(0, BM)
     k0 = pid_k * BK
     rk = k0 + tl.arange(0, BK)
@@ -202,7 +216,7 @@ def _dx_kernel(
     dy_row = dy_ptr + rm.to(tl.int64)[:, None] * N
     acc = tl.full((BM, BK), 0.0, tl.float32)
     dyb = tl.full((BM, BR), 0.0, tl.float32)
-    for n0 in range(0, N, BN):
+    for n0 in range(n_lo, n_lo + NS, BN):
         rn = n0 + tl.arange(0, BN)
         dy = tl.load(dy_row + rn[None, :], mask=mmask & (rn[None, :] < N), other=0.0)  # (BM, BN)
         w = _deq_tile(p0, p1, p2, p3, p4, p5, rn, k0, N, K, FMT, BITS, GROUP, DQ, ALIGNED, SELECT, BN, BK)
@@ -210,13 +224,21 @@ def _dx_kernel(
         if HAS_LORA:  # dyb = dy·B, from the dy tile already loaded
             b = tl.load(b_ptr + rn[:, None] * R + rr[None, :], mask=(rn[:, None] < N) & (rr[None, :] < R), other=0.0)
             dyb += tl.dot(dy, b.to(dy.dtype), input_precision=PREC)  # (BM, BN)·(BN, BR)
-    if HAS_LORA:  # + s·(dy·B)·A
+    if HAS_LORA:  # + s·(dy·B)·A, in the activation dtype: a tf32 dot with A (r, K) row-major
+        # (an MN-major fp32 operand) corrupts memory on an H100 with Triton 3.6 (wgmma, BM ≥ 64)
         a = tl.load(a_ptr + rr[:, None] * K + rk[None, :], mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0)
-        acc += scale * tl.dot(dyb, a, input_precision=PREC)
+        acc += scale * tl.dot(dyb.to(dy.dtype), a.to(dy.dtype), input_precision=PREC)
+        dyb_out = dyb_ptr + rm[:, None] * R + rr[None, :]
         if pid_k == 0:
-            tl.store(dyb_ptr + rm[:, None] * R + rr[None, :], dyb, mask=mmask & (rr[None, :] < R))
+            if SPLIT == 1:
+                tl.store(dyb_out, dyb, mask=mmask & (rr[None, :] < R))
+            else:
+                tl.atomic_add(dyb_out, dyb, mask=mmask & (rr[None, :] < R))
     out = dx_ptr + rm.to(tl.int64)[:, None] * K + rk[None, :]
-    tl.store(out, acc.to(dx_ptr.dtype.element_ty), mask=mmask & (rk[None, :] < K))
+    if SPLIT == 1:
+        tl.store(out, acc.to(dx_ptr.dtype.element_ty), mask=mmask & (rk[None, :] < K))
+    else:
+        tl.atomic_add(out, acc, mask=mmask & (rk[None, :] < K))
 
 
 @triton.jit
@@ -300,27 +322,28 @@ def block_config(M: int, N: int, K: int, group: int = 1, *, backward: bool = Fal
     """Tile sizes of the fused kernels. Under the interpreter: small tiles (speed of the CPU
     tests). On a GPU: per-M configs from an offline sweep on an H100 (4096², bf16, nf4 and
     int4 g128; ``benchmarks/kernels.py --sweep``)."""
-    if interpreting():
-        return {"BM": 16, "BN": 32, "BK": next(b for b in (128, 64, 32, 16) if K % b == 0 or b == 16)}
+    if interpreting():  # small tiles, and split-K / split-N wherever it divides (to test it)
+        BK = next(b for b in (128, 64, 32, 16) if K % b == 0 or b == 16)
+        return {"BM": 16, "BN": 16 if backward else 32, "BK": BK, "SPLIT": 4, "SELECT": M % 2 == 1}
+    # H100, 4096², bf16 (see docs/quantization.md): M ≤ 32 is weight-bandwidth bound and 4096/BN
+    # tiles alone leave the SMs idle → split the reduction 4× (forward) / 8× (dX); NF4 levels by
+    # the register select tree (2× faster there than the table gather).
     if not backward:  # tiles over (M, N), loop over K
-        if M <= 16:
-            cfg = {"BM": 16, "BN": 32, "BK": 256, "num_warps": 4, "num_stages": 3}
-        elif M <= 32:
-            cfg = {"BM": 32, "BN": 32, "BK": 256, "num_warps": 4, "num_stages": 3}
+        if M <= 32:
+            cfg = {"BM": 16 if M <= 16 else 32, "BN": 32, "BK": 256, "num_warps": 4, "num_stages": 3, "SPLIT": 4}
         elif M <= 64:
-            cfg = {"BM": 64, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 3}
-        elif M <= 128:
-            cfg = {"BM": 128, "BN": 64, "BK": 128, "num_warps": 8, "num_stages": 3}
-        else:
-            cfg = {"BM": 128, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3}
+            cfg = {"BM": 64, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 2, "SPLIT": 2}
+        else:  # only when forced (tests): above FUSED_MAX_M decode + cuBLAS is faster
+            cfg = {"BM": 64, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 2}
     else:  # tiles over (M, K), loop over N
-        if M <= 16:
-            cfg = {"BM": 16, "BN": 128, "BK": 64, "num_warps": 4, "num_stages": 3}
+        if M <= 32:
+            cfg = {"BM": 16 if M <= 16 else 32, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 3, "SPLIT": 8}
         elif M <= 64:
-            cfg = {"BM": 64, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 3}
+            cfg = {"BM": 64, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 2, "SPLIT": 4}
         else:
-            cfg = {"BM": 128, "BN": 64, "BK": 128, "num_warps": 8, "num_stages": 3}
+            cfg = {"BM": 64, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 2}
     cfg["BK"] = _fit_bk(cfg["BK"], K, group)
+    cfg["SELECT"] = True
     return cfg
 
 
@@ -330,6 +353,20 @@ def _precision(dtype: torch.dtype) -> str:
 
 def _rank_block(r: int) -> int:
     return max(16, triton.next_power_of_2(max(r, 1)))
+
+
+def _launch_config(cfg: dict, dtype: torch.dtype, K: int, group: int, extent: int, tile: str) -> dict:
+    """``cfg`` made launchable for these operands: fp32 or a shape off the fast decode gets small
+    tiles and two stages (the per-element decode's loads are pipelined through shared memory),
+    and SPLIT is cut to a divisor of ``extent`` (K for the forward, N for dX) in ``tile`` units."""
+    cfg = dict(cfg)
+    cfg.setdefault("SPLIT", 1)
+    cfg.setdefault("SELECT", False)
+    if dtype == torch.float32 or not _aligned(K, cfg["BK"], group):
+        cfg["BK"], cfg["num_stages"] = min(cfg["BK"], 64), min(cfg.get("num_stages", 2), 2)
+    while cfg["SPLIT"] > 1 and extent % (cfg["SPLIT"] * cfg[tile]):
+        cfg["SPLIT"] -= 1
+    return cfg
 
 
 def forward(x2: torch.Tensor, qweight, tables, A: torch.Tensor | None, B: torch.Tensor | None, scale: float,
@@ -350,17 +387,19 @@ def forward(x2: torch.Tensor, qweight, tables, A: torch.Tensor | None, B: torch.
         return y.addmm_(xa, B.t().to(x2.dtype), alpha=scale), xa
     ptrs, consts = _format_args(qweight, tables)
     r = A.shape[0] if has_lora else 0
-    y = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
-    xa = torch.empty(M, r, dtype=torch.float32, device=x2.device) if has_lora else None
-    cfg = dict(config or block_config(M, N, K, consts["GROUP"]))
-    grid = (triton.cdiv(M, cfg["BM"]), triton.cdiv(N, cfg["BN"]))
+    cfg = _launch_config(config or block_config(M, N, K, consts["GROUP"]), x2.dtype, K, consts["GROUP"], K, "BK")
+    split = cfg["SPLIT"]
+    new = torch.empty if split == 1 else torch.zeros
+    y = new(M, N, dtype=x2.dtype if split == 1 else torch.float32, device=x2.device)
+    xa = new(M, r, dtype=torch.float32, device=x2.device) if has_lora else None
+    grid = (triton.cdiv(M, cfg["BM"]), triton.cdiv(N, cfg["BN"]), split)
     _fwd_kernel[grid](
         x2, A.contiguous() if has_lora else x2, B.contiguous() if has_lora else x2, y, xa if has_lora else y,
-        *ptrs, M, N, K, r, float(scale),
+        *ptrs, M, N, K, r, K // split, float(scale),
         HAS_LORA=has_lora, PREC=_precision(x2.dtype), BR=_rank_block(r), ALIGNED=_aligned(K, cfg["BK"], consts["GROUP"]),
         enable_fp_fusion=False, **(consts | cfg),
     )  # fmt: skip
-    return y, xa
+    return (y if split == 1 else y.to(x2.dtype)), xa
 
 
 def backward_dx(dy2: torch.Tensor, qweight, tables, A: torch.Tensor | None, B: torch.Tensor | None, scale: float,
@@ -378,17 +417,19 @@ def backward_dx(dy2: torch.Tensor, qweight, tables, A: torch.Tensor | None, B: t
         return dx.addmm_(dyb, A.to(dy2.dtype), alpha=scale), dyb
     ptrs, consts = _format_args(qweight, tables)
     r = A.shape[0] if has_lora else 0
-    dx = torch.empty(M, K, dtype=dy2.dtype, device=dy2.device)
-    dyb = torch.empty(M, r, dtype=torch.float32, device=dy2.device) if has_lora else None
-    cfg = dict(config or block_config(M, N, K, consts["GROUP"], backward=True))
-    grid = (triton.cdiv(M, cfg["BM"]), triton.cdiv(K, cfg["BK"]))
+    cfg = _launch_config(config or block_config(M, N, K, consts["GROUP"], backward=True), dy2.dtype, K, consts["GROUP"], N, "BN")
+    split = cfg["SPLIT"]
+    new = torch.empty if split == 1 else torch.zeros
+    dx = new(M, K, dtype=dy2.dtype if split == 1 else torch.float32, device=dy2.device)
+    dyb = new(M, r, dtype=torch.float32, device=dy2.device) if has_lora else None
+    grid = (triton.cdiv(M, cfg["BM"]), triton.cdiv(K, cfg["BK"]), split)
     _dx_kernel[grid](
         dy2, A.contiguous() if has_lora else dy2, B.contiguous() if has_lora else dy2, dx, dyb if has_lora else dx,
-        *ptrs, M, N, K, r, float(scale),
+        *ptrs, M, N, K, r, N // split, float(scale),
         HAS_LORA=has_lora, PREC=_precision(dy2.dtype), BR=_rank_block(r), ALIGNED=_aligned(K, cfg["BK"], consts["GROUP"]),
         enable_fp_fusion=False, **(consts | cfg),
     )  # fmt: skip
-    return dx, dyb
+    return (dx if split == 1 else dx.to(dy2.dtype)), dyb
 
 
 def dequantize(qweight, tables, dtype: torch.dtype = torch.float32, select: bool = False) -> torch.Tensor:
