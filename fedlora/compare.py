@@ -54,6 +54,10 @@ class CompareError(ValueError):
     """The runs cannot be compared; the message names the run or file and the fix."""
 
 
+class IncompleteRunError(CompareError):
+    """A run directory lacks some of :data:`REQUIRED`: the run failed or is still going."""
+
+
 @dataclass
 class Run:
     """One finished run as read from its directory."""
@@ -185,7 +189,7 @@ def load_run(path: Path) -> Run:
     """Read one run directory; a missing or unreadable file raises :class:`CompareError` naming it."""
     missing = [name for name in REQUIRED if not (path / name).is_file()]
     if missing:
-        raise CompareError(
+        raise IncompleteRunError(
             f"run {path} lacks {', '.join(missing)}: it failed or is still running. Rerun it, leave it out, "
             "or pass --skip-incomplete to compare the others"
         )
@@ -208,8 +212,8 @@ def load_runs(paths: list[str | Path], skip_incomplete: bool = False) -> list[Ru
     for path in find_runs(paths):
         try:
             runs.append(load_run(path))
-        except CompareError as err:
-            if not skip_incomplete or not str(err).startswith("run "):
+        except IncompleteRunError as err:
+            if not skip_incomplete:
                 raise
             print(f"fedlora: skipping {path}: {err}")
     if not runs:
