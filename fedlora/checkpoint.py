@@ -448,6 +448,7 @@ def resume_config(saved: dict[str, Any], composed: dict[str, Any], overrides: li
     picked = {k: v for k, v in flat_now.items() if any(k == key or k.startswith(key + ".") for key in keys)}
     merged = {**_flatten(saved), **picked}
     merged.update({k: v for k, v in flat_now.items() if k not in merged})  # keys newer than the run
+    merged["run_dir"] = picked.get("run_dir", "")  # the run continues where it is now, even if moved
     if picked.get("client_rank_tiers"):  # the saved config holds earlier tiers expanded into client_ranks
         merged["client_ranks"] = []
     out: dict[str, Any] = {}
