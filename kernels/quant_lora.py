@@ -15,8 +15,10 @@ Two implementations of one op:
 
 * :class:`QuantLoRALinearReference` — pure torch, fp32 math (weights rounded to the activation
   dtype first, as the kernel feeds them to the tensor cores). The CPU path and the tests' oracle.
-* :class:`QuantLoRALinearTriton` — ``quant_lora_triton``'s fused kernels for the two big GEMMs
-  (forward and dX); the rank-r products (x·Aᵀ, dY·B, dA, dB) are skinny GEMMs left to cuBLAS.
+* :class:`QuantLoRALinearTriton` — ``quant_lora_triton``: for M ≤ ``FUSED_MAX_M`` fused
+  decode-in-GEMM kernels for the forward and dX that also form x·Aᵀ and dY·B in their main
+  loop (split-K / split-N for small M); above it, W decoded into a one-layer temporary and
+  cuBLAS. dA and dB (skinny, through r) are left to cuBLAS.
 
 :func:`quant_lora_linear` picks one. ``qweight`` is any packed weight with the field layout of
 ``fedlora.quant`` (``kind``, ``shape``, format tensors, ``dequantize()``, ``tables()``); this

@@ -45,8 +45,9 @@ import triton.language as tl
 
 FMT_NF4, FMT_INT8, FMT_INTK = 0, 1, 2
 _FORMATS = {"nf4": FMT_NF4, "int8": FMT_INT8, "intk": FMT_INTK}
-# M above which the forward and dX decode W into a one-layer temporary and call cuBLAS (tuned on
-# an H100, 4096², r = 16: see docs/quantization.md).
+# M above which the forward and dX decode W into a one-layer temporary and call cuBLAS. On an H100
+# (4096², r = 16) the fused tiles lost to decode (≈ 21 µs) + cuBLAS from M ≈ 32 on: see
+# docs/quantization.md.
 FUSED_MAX_M = 32
 
 
@@ -227,7 +228,7 @@ def _dx_kernel(
     if HAS_LORA:  # + s·(dy·B)·A, in the activation dtype: a tf32 dot with A (r, K) row-major
         # (an MN-major fp32 operand) corrupts memory on an H100 with Triton 3.6 (wgmma, BM ≥ 64)
         a = tl.load(a_ptr + rr[:, None] * K + rk[None, :], mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0)
-        acc += scale * tl.dot(dyb.to(dy.dtype), a.to(dy.dtype), input_precision=PREC)
+        acc += scale * tl.dot(dyb.to(dy_ptr.dtype.element_ty), a.to(dy_ptr.dtype.element_ty), input_precision=PREC)
         dyb_out = dyb_ptr + rm[:, None] * R + rr[None, :]
         if pid_k == 0:
             if SPLIT == 1:
@@ -320,28 +321,28 @@ def fused_for(M: int) -> bool:
 
 def block_config(M: int, N: int, K: int, group: int = 1, *, backward: bool = False) -> dict[str, int]:
     """Tile sizes of the fused kernels. Under the interpreter: small tiles (speed of the CPU
-    tests). On a GPU: per-M configs from an offline sweep on an H100 (4096², bf16, nf4 and
-    int4 g128; ``benchmarks/kernels.py --sweep``)."""
+    tests). On a GPU: per-M configs from a partial probe on an H100 (4096², bf16, nf4 and int4
+    g128; ``benchmarks/kernels.py --sweep`` is the full sweep, not yet run to completion)."""
     if interpreting():  # small tiles, and split-K / split-N wherever it divides (to test it)
         BK = next(b for b in (128, 64, 32, 16) if K % b == 0 or b == 16)
         return {"BM": 16, "BN": 16 if backward else 32, "BK": BK, "SPLIT": 4, "SELECT": M % 2 == 1}
     # H100, 4096², bf16 (see docs/quantization.md): M ≤ 32 is weight-bandwidth bound and 4096/BN
     # tiles alone leave the SMs idle → split the reduction 4× (forward) / 8× (dX); NF4 levels by
     # the register select tree (2× faster there than the table gather).
+    # Fused tiles keep BM ≤ 32 (mma.sync): with BM = 64 (wgmma) Triton 3.6 on an H100 corrupted
+    # memory in dX (a tf32 dot, now bf16) and, forced fused at M ≥ 40, for int4 g128 (BK = 256).
+    # Above FUSED_MAX_M the default dispatch decodes + cuBLAS, so these larger-M tiles only run
+    # when a test forces the fused path.
     if not backward:  # tiles over (M, N), loop over K
         if M <= 32:
             cfg = {"BM": 16 if M <= 16 else 32, "BN": 32, "BK": 256, "num_warps": 4, "num_stages": 3, "SPLIT": 4}
-        elif M <= 64:
-            cfg = {"BM": 64, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 2, "SPLIT": 2}
-        else:  # only when forced (tests): above FUSED_MAX_M decode + cuBLAS is faster
-            cfg = {"BM": 64, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 2}
+        else:
+            cfg = {"BM": 32, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 2}
     else:  # tiles over (M, K), loop over N
         if M <= 32:
             cfg = {"BM": 16 if M <= 16 else 32, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 3, "SPLIT": 8}
-        elif M <= 64:
-            cfg = {"BM": 64, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 2, "SPLIT": 4}
         else:
-            cfg = {"BM": 64, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 2}
+            cfg = {"BM": 32, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 2}
     cfg["BK"] = _fit_bk(cfg["BK"], K, group)
     cfg["SELECT"] = True
     return cfg
