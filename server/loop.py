@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,6 +147,15 @@ class ClientLevelDP:
         return strategy.method.aggregate(state, [rel.update], [1.0])
 
 
+def short_error(text: str, limit: int = 300) -> str:
+    """A client's error report in one line: the first ``SomeError: message`` line of a traceback
+    (the root cause), else its first line; terminal colour codes removed."""
+    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(text)).splitlines() if ln.strip()]
+    causes = [ln for ln in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b:", ln)]
+    line = (causes or lines or [""])[0]
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
 def accept_reply(reply: Message, strategy: LoraStrategy, start, run_dir: Path) -> tuple[str | None, object, dict]:
     """(why the reply is rejected or None, its parsed update, its metrics). Records the client's
     privacy ledger entry first: a released update's privacy cost is kept even when it is rejected."""
@@ -193,7 +203,7 @@ def run_round(grid: Grid, strategy: LoraStrategy, state: GlobalState, nodes: lis
         replied.add(node)
         who = f"partition {by_id[node].partition_id} (node {node})" if node in by_id else f"node {node}"
         if reply.has_error():
-            out.rejected.append(f"{who}: dropped: the client failed or left ({reply.error.reason})")
+            out.rejected.append(f"{who}: dropped: the client failed or left ({short_error(reply.error.reason)})")
             continue
         size = content_bytes(reply.content)
         out.bytes_up += size

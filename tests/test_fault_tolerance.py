@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,6 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+from fedlora.checkpoint import load_checkpoint, round_dirs
 
 HERE = Path(__file__).resolve()
 TINY = ["model=tiny", "dataset.max_length=64", "eval.max_examples=4", "train.local_steps=2",
@@ -61,8 +65,9 @@ def corrupt(content, fault: str):
     return out
 
 
-def faulty_client_app(cfg, faults: dict[int, dict], driver_pid: int, record_dir: str):
-    """fedlora's ClientApp, with ``faults[partition] = {"fault": …, "rounds": [...], "seconds": …}``."""
+def faulty_client_app(cfg, faults: dict[int, dict[int, str]], driver_pid: int, record_dir: str,
+                      straggle_seconds: float = 0.0):
+    """fedlora's ClientApp, with ``faults[partition][round]`` = one of :data:`FAULTS`."""
     from flwr.app import Message
     from flwr.clientapp import ClientApp
 
@@ -82,8 +87,7 @@ def faulty_client_app(cfg, faults: dict[int, dict], driver_pid: int, record_dir:
     @app.train()
     def train(msg, context):
         pid, rnd = int(context.node_config["partition-id"]), int(msg.content["config"]["round"])
-        spec = faults.get(pid, {})
-        fault = spec.get("fault") if rnd in spec.get("rounds", []) else None
+        fault = faults.get(pid, {}).get(rnd)
         if record_dir:  # what each client was sent, to check what the server kept
             arrays = {k: v.numpy() for k, v in msg.content["global"].items()}
             np.savez(Path(record_dir) / f"sent-p{pid}-r{rnd}.npz", **arrays)
@@ -92,7 +96,7 @@ def faulty_client_app(cfg, faults: dict[int, dict], driver_pid: int, record_dir:
         if fault == "dropped":
             raise RuntimeError(f"partition {pid} crashed (test fault)")
         if fault == "straggler":
-            time.sleep(float(spec["seconds"]))
+            time.sleep(straggle_seconds)
         reply = inner(msg, context)
         if fault in ("nan", "wrong_keys", "wrong_shape", "wrong_rank", "oversized"):
             return Message(corrupt(reply.content, fault), reply_to=msg)
@@ -113,16 +117,18 @@ def main(spec: dict) -> None:
     with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
         data = OmegaConf.to_container(compose(config_name="config", overrides=spec["overrides"]), resolve=True)
     cfg = config_from_dict(data)
-    faults = {int(k): v for k, v in spec.get("faults", {}).items()}
-    simulate(cfg, spec["run_dir"], client_app=faulty_client_app(cfg, faults, os.getpid(), spec.get("record_dir", "")))
+    faults = {int(p): {int(r): f for r, f in by_round.items()} for p, by_round in spec.get("faults", {}).items()}
+    simulate(cfg, spec["run_dir"], client_app=faulty_client_app(cfg, faults, os.getpid(), spec.get("record_dir", ""),
+                                                                 spec.get("straggle_seconds", 0.0)))
 
 
-def run_faulty(tmp: Path, overrides: list[str], faults: dict, record: bool = False) -> subprocess.CompletedProcess:
-    """Run one simulation with ``faults`` in a fresh process group (its own session, so a
-    ``kill_driver`` fault takes down exactly that run and its workers)."""
+def run_faulty(tmp: Path, overrides: list[str], faults: dict[int, dict[int, str]], record: bool = False,
+               straggle_seconds: float = 0.0) -> subprocess.CompletedProcess:
+    """Run one simulation with ``faults[partition][round]`` in a fresh session (so a ``kill_driver``
+    fault takes down exactly that run, and whatever it leaves is cleaned up)."""
     run_dir = tmp / "run"
     spec = {"overrides": overrides, "run_dir": str(run_dir), "faults": faults,
-            "record_dir": str(tmp) if record else ""}
+            "record_dir": str(tmp) if record else "", "straggle_seconds": straggle_seconds}
     env = dict(os.environ, RAY_DEDUP_LOGS="0", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.Popen([sys.executable, str(HERE), json.dumps(spec)], cwd=tmp, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
@@ -145,6 +151,104 @@ def kill_session(sid: int) -> None:
                 os.kill(int(stat.parent.name), signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+# ---------------------------------------------------------------------------------------------
+# the tests: one simulation, a fault per partition
+
+
+ROUND1 = {0: "nan", 1: "wrong_keys", 2: "wrong_shape", 3: "wrong_rank", 4: "oversized", 5: "dropped", 6: "straggler"}
+"""Round 1: partitions 0–6 misbehave, 7 and 8 are honest (= strategy.min_clients): the round goes on."""
+TIMEOUT = 45
+
+
+@pytest.fixture(scope="module")
+def faulty_run(tmp_path_factory) -> tuple[Path, list[dict], str]:
+    """9 clients, min_clients=2, 2 rounds. Round 1: one fault per partition 0–6, partitions 7 and 8
+    honest, so the round goes on with them. Round 2: partitions 0–7 fail, one reply is left
+    (< min_clients), so the round is skipped."""
+    tmp = tmp_path_factory.mktemp("faults")
+    faults = {p: {1: ROUND1.get(p, None), 2: "dropped"} for p in range(8)}
+    overrides = [*TINY, "num_clients=9", "num_rounds=2", "strategy.min_clients=2", f"strategy.round_timeout={TIMEOUT}"]
+    proc = run_faulty(tmp, overrides, faults, straggle_seconds=3 * TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_dir = tmp / "run"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return run_dir, rows, proc.stdout + proc.stderr
+
+
+def reason_for(rows: list[dict], rnd: int, partition: int) -> str:
+    """The one rejection reason recorded for ``partition`` in round ``rnd``."""
+    found = [r for r in rows[rnd].get("rejected_reasons", []) if r.startswith(f"partition {partition} (node ")]
+    assert len(found) == 1, rows[rnd].get("rejected_reasons")
+    return found[0]
+
+
+@pytest.mark.parametrize("partition,expected", [
+    (0, r"non-finite values in model\.layers\.\d+\..*\.lora_B \(1 of \d+\)"),
+    (1, r"wrong keys: 1 missing \['model\..*\.lora_B'\], 0 unexpected \[\]"),
+    (2, r"wrong shape: model\..*\.lora_A is \(8, \d+\), expected \(8, \d+\)"),
+    (3, r"wrong rank: model\..*\.lora_A has rank 4, but this client was sent rank 8"),
+    (4, r"oversized reply: \d+ bytes > \d+ \(strategy\.max_reply_bytes\)"),
+    (5, r"dropped: the client failed or left \(RuntimeError: partition 5 crashed \(test fault\)\)$"),
+    (6, rf"straggler: no reply within strategy\.round_timeout={TIMEOUT}\.0 s"),
+], ids=[ROUND1[p] for p in range(7)])
+def test_each_bad_reply_is_rejected_with_the_client_and_the_reason(faulty_run, partition, expected):
+    _, rows, log = faulty_run
+    reason = reason_for(rows, 1, partition)
+    assert re.search(expected, reason, re.S), reason
+    assert f"round 1: rejected reply: {reason.splitlines()[0]}" in log  # logged too, not only in metrics
+
+
+def test_the_round_goes_on_with_the_clients_that_remain(faulty_run):
+    run_dir, rows, _ = faulty_run
+    r1 = rows[1]
+    assert (r1["clients"], r1["rejected"]) == (2, 7) and "skipped" not in r1
+    assert r1["eval_loss"] < rows[0]["eval_loss"] and 0 < r1["agg_error"] < 1  # two honest updates aggregated
+    assert r1["bytes_up"] > 8_000_000  # the oversized reply was received (and counted), then refused
+
+
+def test_too_few_usable_replies_keep_the_previous_global_adapter(faulty_run):
+    run_dir, rows, log = faulty_run
+    r2 = rows[2]
+    assert r2["skipped"] is True and (r2["clients"], r2["rejected"]) == (1, 8)
+    assert r2["eval_loss"] is None and r2["train_loss"] is None and r2["agg_error"] is None
+    assert "round 2: 1 usable replies < min_clients=2; keeping the previous global adapter" in log
+    before, after = (load_checkpoint(d) for d in round_dirs(run_dir))  # rounds 1 and 2
+    assert (before.round, after.round) == (1, 2)
+    for name, f in before.state.adapter.items():
+        assert torch.equal(f.A, after.state.adapter[name].A) and torch.equal(f.B, after.state.adapter[name].B)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final_eval_loss"] == rows[1]["eval_loss"]  # the kept adapter is the final one
+
+
+# ---------------------------------------------------------------------------------------------
+# the checks themselves, on every strategy's payload (no simulation)
+
+
+@pytest.mark.parametrize("name", ["fedavg", "ffa", "fedsb"])
+def test_reply_checks_cover_each_strategys_payload(name):
+    from fedlora.adapters.state import LoraFactors, state_to_arrays
+    from fedlora.config import FedloraConfig, StrategyConfig
+    from fedlora_server.strategy import make_strategy
+
+    strategy = make_strategy(FedloraConfig(strategy=StrategyConfig(name=name)))
+    r = 4
+    start = {"l0": LoraFactors(torch.randn(r, 6), torch.randn(5, r), 2.0)}
+    if name == "fedsb":
+        start = {"l0": LoraFactors(torch.randn(r, r), torch.eye(r), 2.0)}
+    good = state_to_arrays(start, strategy.parts)
+    assert strategy.check_reply(good, start) is None
+    part = {"fedavg": "lora_B", "ffa": "lora_B", "fedsb": "lora_R"}[name]
+    bad = {**good, f"l0.{part}": good[f"l0.{part}"][:, :2] if part != "lora_R" else good["l0.lora_R"][:2, :2]}
+    assert strategy.check_reply(bad, start).startswith("wrong rank: l0." + part + " has rank 2")
+    assert strategy.check_reply({**good, "l0.lora_X": good["l0.scale"]}, start).startswith("wrong keys: 0 missing")
+    nan = {k: v.copy() for k, v in good.items()}
+    nan["l0.scale"][0] = np.inf
+    assert strategy.check_reply(nan, start) == "non-finite values in l0.scale (1 of 1)"
+    ints = {**good, f"l0.{part}": good[f"l0.{part}"].astype(np.int32)}
+    assert strategy.check_reply(ints, start).startswith("wrong dtype")
+    assert strategy.max_reply_bytes(start) == 4 * sum(v.nbytes for v in good.values()) + 2**20
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def assert_same_run(resumed: Path, straight: Path, rounds: int):
 
 def interrupted_and_resumed(tmp: Path, run_cli, overrides: list[str]) -> Path:
     """Kill the run while its clients train round 2, check what it left, resume it to the end."""
-    proc = run_faulty(tmp, overrides, {0: {"fault": "kill_driver", "rounds": [2]}})
+    proc = run_faulty(tmp, overrides, {0: {2: "kill_driver"}})
     run_dir = tmp / "run"
     assert proc.returncode == -9, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert [p.name for p in round_dirs(run_dir)] == ["round-00000", "round-00001"]
