@@ -156,18 +156,23 @@ def short_error(text: str, limit: int = 300) -> str:
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
-def accept_reply(reply: Message, strategy: LoraStrategy, start, run_dir: Path) -> tuple[str | None, object, dict]:
-    """(why the reply is rejected or None, its parsed update, its metrics). Records the client's
-    privacy ledger entry first: a released update's privacy cost is kept even when it is rejected."""
+def record_privacy(reply: Message, run_dir: Path) -> str | None:
+    """Append a reply's privacy ledger entry (also when the client declined or the reply is then
+    rejected); returns why the reply must be rejected when the entry cannot be read (the client's
+    own accountant still holds its privacy cost)."""
+    try:
+        append_entry(run_dir, json.loads(reply.content[PRIVACY]["entry"]))
+    except (KeyError, TypeError, ValueError) as err:  # PrivacyError is a ValueError
+        return f"malformed privacy entry ({short_error(str(err))})"
+    return None
+
+
+def accept_reply(reply: Message, strategy: LoraStrategy, start) -> tuple[str | None, object, dict]:
+    """(why the reply is rejected or None, its parsed update, its metrics)."""
     content = reply.content
     if METRICS not in content:
         return "malformed reply: no metrics record", None, {}
     metrics = dict(content[METRICS])
-    if PRIVACY in content:  # recorded even when the client declined
-        try:
-            append_entry(run_dir, json.loads(content[PRIVACY]["entry"]))
-        except (KeyError, TypeError, ValueError) as err:
-            return f"malformed privacy entry ({err})", None, metrics
     if metrics.get("declined"):
         return "declined to train (its privacy budget would be exceeded)", None, metrics
     for key in ("num-examples", "train_loss"):
@@ -207,6 +212,11 @@ def run_round(grid: Grid, strategy: LoraStrategy, state: GlobalState, nodes: lis
             continue
         size = content_bytes(reply.content)
         out.bytes_up += size
+        # The privacy entry goes on record first, whatever becomes of the reply: the update was released.
+        problem = record_privacy(reply, run_dir) if PRIVACY in reply.content else None
+        if problem:
+            out.rejected.append(f"{who}: {problem}")
+            continue
         if node not in by_id:
             out.rejected.append(f"{who}: unexpected reply from a node that was not sampled")
             continue
@@ -214,7 +224,7 @@ def run_round(grid: Grid, strategy: LoraStrategy, state: GlobalState, nodes: lis
         if size > limit:
             out.rejected.append(f"{who}: oversized reply: {size} bytes > {limit} (strategy.max_reply_bytes)")
             continue
-        reason, update, metrics = accept_reply(reply, strategy, starts[node], run_dir)
+        reason, update, metrics = accept_reply(reply, strategy, starts[node])
         if reason:
             out.rejected.append(f"{who}: {reason}")
             continue
