@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +19,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedlora.adapters import arrays_to_state, get_adapter_state, set_adapter_state
+from fedlora.adapters import get_adapter_state, set_adapter_state
 from fedlora.aggregation import GlobalState, aggregation_error, round_update
 from fedlora.base_terms import apply_base_terms
 from fedlora.checkpoint import (
@@ -38,7 +36,7 @@ from fedlora.checkpoint import (
 from fedlora.config import ConfigError, FedloraConfig, config_to_dict
 from fedlora.data import format_example
 from fedlora.evaluation import evaluate_loss, gsm8k_accuracy
-from fedlora.messages import CONFIG, METRICS, PRIVACY, UPDATE, content_bytes, from_array_record, train_content
+from fedlora.messages import CONFIG, METRICS, PRIVACY, content_bytes, train_content
 from fedlora.privacy import (
     AccountantState,
     account_round,
@@ -61,7 +59,7 @@ from fedlora.proto_io import write_global_adapter
 from fedlora.reporting import RunWriter, manifest, write_report
 from fedlora.workspace import build_model, load_splits, tokenize
 from fedlora_server.fedsb_round import federated_sb_init
-from fedlora_server.strategy import IdealAccumulator, LoraStrategy, NodeInfo, make_strategy
+from fedlora_server.strategy import IdealAccumulator, LoraStrategy, NodeInfo, make_strategy, short_error
 from fedlora_server.transport import stream_replies
 
 log = logging.getLogger("fedlora")
@@ -147,15 +145,6 @@ class ClientLevelDP:
         return strategy.method.aggregate(state, [rel.update], [1.0])
 
 
-def short_error(text: str, limit: int = 300) -> str:
-    """A client's error report in one line: the first ``SomeError: message`` line of a traceback
-    (the root cause), else its first line; terminal colour codes removed."""
-    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(text)).splitlines() if ln.strip()]
-    causes = [ln for ln in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b:", ln)]
-    line = (causes or lines or [""])[0]
-    return line if len(line) <= limit else line[: limit - 1] + "…"
-
-
 def record_privacy(reply: Message, run_dir: Path) -> str | None:
     """Append a reply's privacy ledger entry (also when the client declined or the reply is then
     rejected); returns why the reply must be rejected when the entry cannot be read (the client's
@@ -165,31 +154,6 @@ def record_privacy(reply: Message, run_dir: Path) -> str | None:
     except (KeyError, TypeError, ValueError) as err:  # PrivacyError is a ValueError
         return f"malformed privacy entry ({short_error(str(err))})"
     return None
-
-
-def accept_reply(reply: Message, strategy: LoraStrategy, start) -> tuple[str | None, object, dict]:
-    """(why the reply is rejected or None, its parsed update, its metrics)."""
-    content = reply.content
-    if METRICS not in content:
-        return "malformed reply: no metrics record", None, {}
-    metrics = dict(content[METRICS])
-    if metrics.get("declined"):
-        return "declined to train (its privacy budget would be exceeded)", None, metrics
-    for key in ("num-examples", "train_loss"):
-        value = metrics.get(key)
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or (key == "num-examples" and value <= 0):
-            return f"malformed metrics: {key}={value!r} (must be a finite number{', > 0' if key == 'num-examples' else ''})", None, metrics
-    if UPDATE not in content:
-        return "wrong keys: the reply has no update record", None, metrics
-    arrays = from_array_record(content[UPDATE])
-    reason = strategy.check_reply(arrays, start)
-    if reason:
-        return reason, None, metrics
-    try:
-        update = arrays_to_state(arrays, like=start)
-    except ValueError as err:
-        return f"malformed update ({err})", None, metrics
-    return strategy.check_update(update, start), update, metrics
 
 
 def run_round(grid: Grid, strategy: LoraStrategy, state: GlobalState, nodes: list[NodeInfo], rnd: int,
@@ -224,7 +188,7 @@ def run_round(grid: Grid, strategy: LoraStrategy, state: GlobalState, nodes: lis
         if size > limit:
             out.rejected.append(f"{who}: oversized reply: {size} bytes > {limit} (strategy.max_reply_bytes)")
             continue
-        reason, update, metrics = accept_reply(reply, strategy, starts[node])
+        reason, update, metrics = strategy.check_train_reply(reply.content, starts[node])
         if reason:
             out.rejected.append(f"{who}: {reason}")
             continue

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -18,10 +19,13 @@ import torch
 
 from fedlora.adapters.lora import layer_generator, lora_scale
 from fedlora.adapters.sb import data_free_frame
-from fedlora.adapters.state import AdapterState, layout_mismatch
+from flwr.app import RecordDict
+
+from fedlora.adapters.state import AdapterState, arrays_to_state, layout_mismatch
 from fedlora.aggregation import AGGREGATORS, GlobalState
 from fedlora.aggregation.common import AggregationError, normalize_weights
 from fedlora.config import ConfigError, FedloraConfig
+from fedlora.messages import METRICS, UPDATE, from_array_record
 
 ADAPTER_KIND = {"ffa": "frozen_a", "fedsb": "sb"}
 """Strategies whose clients train a special adapter kind (others train plain LoRA)."""
@@ -195,6 +199,30 @@ class LoraStrategy:
                 return f"non-finite values in {name}"
         return None
 
+    def check_train_reply(self, content: RecordDict, start: AdapterState) -> tuple[str | None, AdapterState | None, dict]:
+        """(why a train reply must be rejected or None, its parsed update, its metrics): metrics
+        present and finite, not declined, then :meth:`check_reply` on the raw arrays, then parsed."""
+        if METRICS not in content:
+            return "malformed reply: no metrics record", None, {}
+        metrics = dict(content[METRICS])
+        if metrics.get("declined"):
+            return "declined to train (its privacy budget would be exceeded)", None, metrics
+        for key in ("num-examples", "train_loss"):
+            value = metrics.get(key)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or (key == "num-examples" and value <= 0):
+                return f"malformed metrics: {key}={value!r} (must be a finite number{', > 0' if key == 'num-examples' else ''})", None, metrics
+        if UPDATE not in content:
+            return "wrong keys: the reply has no update record", None, metrics
+        arrays = from_array_record(content[UPDATE])
+        reason = self.check_reply(arrays, start)
+        if reason:
+            return reason, None, metrics
+        try:
+            update = arrays_to_state(arrays, like=start)
+        except ValueError as err:
+            return f"malformed update ({err})", None, metrics
+        return self.check_update(update, start), update, metrics
+
     def accumulator(self, state: GlobalState):
         if hasattr(self.method, "accumulator"):
             return _StreamingAccumulator(self.method, state)
@@ -204,6 +232,15 @@ class LoraStrategy:
         """A client update as ordinary LoRA factors (Fed-SB cores → s·B·R·A), for ΔW*."""
         lifter = getattr(self.method, "lift_updates", None)
         return lifter(state, [update])[0] if lifter else update
+
+
+def short_error(text: str, limit: int = 300) -> str:
+    """A client's error report in one line: the first ``SomeError: message`` line of a traceback
+    (the root cause), else its first line; terminal colour codes removed."""
+    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(text)).splitlines() if ln.strip()]
+    causes = [ln for ln in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b:", ln)]
+    line = (causes or lines or [""])[0]
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 class IdealAccumulator:
@@ -238,4 +275,4 @@ def make_strategy(cfg: FedloraConfig) -> LoraStrategy:
     return strategy
 
 
-__all__ = ["IdealAccumulator", "LoraStrategy", "NodeInfo", "make_strategy", "normalize_weights"]
+__all__ = ["IdealAccumulator", "LoraStrategy", "NodeInfo", "make_strategy", "normalize_weights", "short_error"]
