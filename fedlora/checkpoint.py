@@ -269,7 +269,7 @@ def round_dir(run_dir: str | Path, rnd: int) -> Path:
 
 def _manifest_digest(manifest: dict[str, Any]) -> str:
     body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
-    return _sha256_bytes(json.dumps(body, sort_keys=True).encode())
+    return _sha256_bytes(json.dumps(body, sort_keys=True, default=str).encode())  # as written, so as read back
 
 
 def save_checkpoint(run_dir: str | Path, ckpt: Checkpoint, keep: int = KEEP) -> Path:
