@@ -5,7 +5,7 @@ After every round the server writes ``RUN_DIR/checkpoints/round-NNNNN/``::
 
     state.safetensors   every tensor: the global adapter, the base terms (FedEx residuals, FLoRA
                         stacks), strategy extras (Fed-SB frame and core R, …), torch RNG states
-    manifest.json       format version, round, the config fingerprint and the values behind it,
+    manifest.json       format version, round, the run's config and its fingerprint,
                         the state's structure (tensors by name), Python/NumPy/sampling RNG states,
                         the privacy ledger's length, the metrics rows so far, server-side extras
                         (client-level accountant, init cost), sha256 and size of state.safetensors,
@@ -309,6 +309,8 @@ def save_checkpoint(run_dir: str | Path, ckpt: Checkpoint, keep: int = KEEP) -> 
         raise
     for old in round_dirs(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    for stale in [*root.glob(".tmp-round-*"), *root.glob(".old-round-*")]:  # left by a crash mid-save
+        shutil.rmtree(stale, ignore_errors=True)  # (one server writes a run directory at a time)
     return final
 
 
