@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -109,7 +110,7 @@ def simulate(overrides: list[str], run_dir: Path) -> dict:
     """Run ``fedlora simulate`` in a subprocess; returns its metrics rows, wall time and memory peak."""
     env = dict(os.environ, RAY_DEDUP_LOGS="0", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-m", "fedlora.cli", "simulate", *overrides, f"hydra.run.dir={run_dir}"]
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), _children_cpu()
     proc = subprocess.Popen(cmd, cwd=run_dir.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     sampler = PeakSampler(proc.pid)
     sampler.start()
@@ -117,10 +118,17 @@ def simulate(overrides: list[str], run_dir: Path) -> dict:
     sampler.stop.set()
     sampler.join()
     wall = time.perf_counter() - started
+    cpu = _children_cpu() - cpu  # the whole tree's CPU seconds (Ray reaps its workers, the driver reaps Ray)
     if proc.returncode != 0:
         raise RuntimeError(f"simulation failed ({' '.join(overrides)}):\n{out[-4000:]}")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {"rows": rows, "wall_seconds": round(wall, 1), "peak": {k: round(v, 1) for k, v in sampler.peak.items()}}
+    return {"rows": rows, "wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1),
+            "peak": {k: round(v, 1) for k, v in sampler.peak.items()}}
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def overhead(num_clients: int, rounds: int, work: Path) -> dict:
@@ -135,7 +143,7 @@ def overhead(num_clients: int, rounds: int, work: Path) -> dict:
     return {"num_clients": num_clients, "rounds": rounds, "overrides": overrides, "per_round": per_round,
             "overhead_round1": per_round[0]["overhead"],
             "overhead_later_rounds": round(sum(r["round_seconds"] for r in later) / sum(r["client_train_seconds"] for r in later), 3),
-            "total_wall_seconds": res["wall_seconds"], "peak": res["peak"]}
+            "total_wall_seconds": res["wall_seconds"], "total_cpu_seconds": res["cpu_seconds"], "peak": res["peak"]}
 
 
 def scale(num_clients: int, per_round: int, rounds: int, work: Path) -> dict:
@@ -145,7 +153,7 @@ def scale(num_clients: int, per_round: int, rounds: int, work: Path) -> dict:
     return {"num_clients": num_clients, "sampled_per_round": per_round, "rounds": rounds, "overrides": overrides,
             "clients_per_round": [r["clients"] for r in res["rows"][1:]],
             "round_seconds": [r["seconds"] for r in res["rows"][1:]],
-            "total_wall_seconds": res["wall_seconds"], "peak": res["peak"]}
+            "total_wall_seconds": res["wall_seconds"], "total_cpu_seconds": res["cpu_seconds"], "peak": res["peak"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,30 +172,38 @@ def machine() -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M"), "load_average_at_start": os.getloadavg()[0]}
 
 
-def markdown(result: dict) -> str:
-    m = result["machine"]
-    lines = [f"# Simulation overhead and scale ({result['tag']})", "",
+def markdown(result: dict, level: int = 1) -> str:
+    """The result as Markdown; a ``before`` result (``--before``) follows one heading level down."""
+    h, m = "#" * level, result["machine"]
+    load = m.get("load_average_at_start")
+    lines = [f"{h} Simulation overhead and scale ({result['tag']})", "",
              "Produced by `python benchmarks/sim_overhead.py` (see its docstring for the definitions).", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; Python {m['python']}, "
-             f"torch {m['torch']}, flwr {m['flwr']}, ray {m['ray']}; {m['date']}; load average "
-             f"{m['load_average_at_start']:.1f} at the start (the cores are shared with other work).", "",
-             f"Every client: `{' '.join(TRAIN)}`.", ""]
+             f"torch {m['torch']}, flwr {m['flwr']}, ray {m['ray']}; {m['date']}"
+             + (f"; load average {load:.1f} at the start (the cores are shared with other work)." if load is not None else "."),
+             "", f"Every client: `{' '.join(TRAIN)}`.", ""]
     if result["overhead"]:
-        lines += ["## Overhead: round wall time / Σ clients' local-training time", "",
-                  "| clients | round 1 | later rounds | per round (s): wall / Σ train | run wall (s) | peak PSS (MiB) |",
-                  "|---:|---:|---:|---|---:|---:|"]
+        lines += [f"{h}# Overhead: round wall time / Σ clients' local-training time", "",
+                  "| clients | round 1 | later rounds | per round (s): wall / Σ train | run wall (s) | run CPU (s) | peak PSS (MiB) |",
+                  "|---:|---:|---:|---|---:|---:|---:|"]
         for o in result["overhead"]:
             detail = ", ".join(f"{r['round_seconds']:.1f}/{r['client_train_seconds']:.1f}" for r in o["per_round"])
+            cpu = o.get("total_cpu_seconds")
             lines.append(f"| {o['num_clients']} | {o['overhead_round1']:.2f}× | {o['overhead_later_rounds']:.2f}× | "
-                         f"{detail} | {o['total_wall_seconds']:.0f} | {o['peak']['pss_mib']:.0f} |")
+                         f"{detail} | {o['total_wall_seconds']:.0f} | {'–' if cpu is None else f'{cpu:.0f}'} | "
+                         f"{o['peak']['pss_mib']:.0f} |")
         lines.append("")
     if result["scale"]:
         s = result["scale"]
-        lines += [f"## Scale: {s['num_clients']} clients, {s['sampled_per_round']} sampled per round, {s['rounds']} rounds", "",
-                  "| clients per round | round seconds | run wall (s) | peak RSS Σ (MiB) | peak PSS Σ (MiB) | processes |",
-                  "|---|---|---:|---:|---:|---:|",
+        cpu = s.get("total_cpu_seconds")
+        lines += [f"{h}# Scale: {s['num_clients']} clients, {s['sampled_per_round']} sampled per round, {s['rounds']} rounds", "",
+                  "| clients per round | round seconds | run wall (s) | run CPU (s) | peak RSS Σ (MiB) | peak PSS Σ (MiB) | processes |",
+                  "|---|---|---:|---:|---:|---:|---:|",
                   f"| {s['clients_per_round']} | {s['round_seconds']} | {s['total_wall_seconds']:.0f} | "
-                  f"{s['peak']['rss_mib']:.0f} | {s['peak']['pss_mib']:.0f} | {s['peak']['processes']} |", ""]
+                  f"{'–' if cpu is None else f'{cpu:.0f}'} | {s['peak']['rss_mib']:.0f} | {s['peak']['pss_mib']:.0f} | "
+                  f"{s['peak']['processes']} |", ""]
+    if result.get("before"):
+        lines += [markdown(result["before"], level + 1)]
     return "\n".join(lines)
 
 
@@ -198,8 +214,11 @@ def main() -> None:
     ap.add_argument("--scale", type=int, default=1000, help="clients of the sampled scale run")
     ap.add_argument("--no-scale", action="store_true")
     ap.add_argument("--tag", default="sim_overhead", help="result file name stem in benchmarks/results/")
+    ap.add_argument("--before", type=Path, help="a previous result .json (e.g. of the code before a change) to show beside")
     args = ap.parse_args()
     result = {"tag": args.tag, "machine": machine(), "overhead": [], "scale": None}
+    if args.before:
+        result["before"] = json.loads(args.before.read_text())
     with tempfile.TemporaryDirectory(prefix="fedlora-bench-") as tmp:
         for n in args.clients:
             result["overhead"].append(o := overhead(n, args.rounds, Path(tmp)))
