@@ -181,7 +181,7 @@ def markdown(result: dict, level: int = 1) -> str:
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; Python {m['python']}, "
              f"torch {m['torch']}, flwr {m['flwr']}, ray {m['ray']}; {m['date']}"
              + (f"; load average {load:.1f} at the start (the cores are shared with other work)." if load is not None else "."),
-             "", f"Every client: `{' '.join(TRAIN)}`.", ""]
+             "", f"Every client: `{' '.join(TRAIN)}`.", ""] + ([result["note"], ""] if result.get("note") else [])
     if result["overhead"]:
         lines += [f"{h}# Overhead: round wall time / Σ clients' local-training time", "",
                   "| clients | round 1 | later rounds | per round (s): wall / Σ train | run wall (s) | run CPU (s) | peak PSS (MiB) |",
@@ -215,8 +215,9 @@ def main() -> None:
     ap.add_argument("--no-scale", action="store_true")
     ap.add_argument("--tag", default="sim_overhead", help="result file name stem in benchmarks/results/")
     ap.add_argument("--before", type=Path, help="a previous result .json (e.g. of the code before a change) to show beside")
+    ap.add_argument("--note", default="", help="a line to print under the heading (what was measured)")
     args = ap.parse_args()
-    result = {"tag": args.tag, "machine": machine(), "overhead": [], "scale": None}
+    result = {"tag": args.tag, "note": args.note, "machine": machine(), "overhead": [], "scale": None}
     if args.before:
         result["before"] = json.loads(args.before.read_text())
     with tempfile.TemporaryDirectory(prefix="fedlora-bench-") as tmp:
