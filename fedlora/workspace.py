@@ -72,6 +72,10 @@ class LRUCache:
                 self._weight -= old
             return value
 
+    def __contains__(self, key: str) -> bool:
+        with self._lock:
+            return key in self._items
+
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
@@ -95,10 +99,15 @@ EXAMPLES = LRUCache(max_entries=10_000, max_weight=EXAMPLE_TOKENS)
 """Tokenised examples per client, split and limit."""
 
 
+_BUILT_ONCE: set[str] = set()
+"""Bases built once in this process without being cached (see :func:`build_model`)."""
+
+
 def clear_worker_cache() -> None:
     """Forget every cached base, partition and tokenised example of this process."""
     for cache in (BASES, PARTITIONS, EXAMPLES):
         cache.clear()
+    _BUILT_ONCE.clear()
 
 
 def worker_cache_info() -> dict[str, dict[str, float]]:
@@ -127,8 +136,11 @@ def build_model(cfg: FedloraConfig, rank: int | None = None, kind: str | None = 
     (default ``cfg.adapter.rank``) injected, the adapted layers' base quantized per ``cfg.quant``
     (the model's ``quant_report`` attribute says what that saved).
 
-    ``reuse=True`` (clients): the base comes from this process's cache, loaded and quantized once,
-    and the caller gets a private copy of it, equal to a fresh build bit for bit. The copy owns
+    ``reuse=True`` (clients): from the second build on, the base comes from this process's cache,
+    loaded and quantized once, and the caller gets a private copy of it, equal to a fresh build bit
+    for bit. The first build in a process is a plain one and nothing is kept, so a process that
+    builds once (a deployed SuperNode runs every message in a fresh ``flwr-clientapp`` process)
+    holds one model, not a cached one and its copy. The copy owns
     every layer an adapter wraps (base terms and merges write there) and aliases the other frozen
     tensors (embeddings, norms, the head: read-only everywhere) through new ``Parameter`` objects,
     which makes a copy of Gemma 3 270M take 0.5 s instead of 2.5 s (a fresh load takes 6 s).
@@ -144,6 +156,11 @@ def build_model(cfg: FedloraConfig, rank: int | None = None, kind: str | None = 
     key = repr((cfg.model, _file_stamp(cfg.model.name_or_path), cfg.quant,
                 cfg.adapter.target_modules if cfg.quant.format != "none" else None,
                 (cfg.adapter, rank, kind) if _loftq(cfg) else None))
+    if key not in BASES and key not in _BUILT_ONCE:
+        if len(_BUILT_ONCE) > 64:  # bounded: many configs in one process (tests) only forget marks
+            _BUILT_ONCE.clear()
+        _BUILT_ONCE.add(key)
+        return build_model(cfg, rank, kind)
     cached, tokenizer = BASES.get(key, lambda: _pristine_base(cfg, rank, kind))
     model = private_copy(cached, cfg.adapter.target_modules)
     if not _loftq(cfg):
