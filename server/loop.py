@@ -65,9 +65,7 @@ from fedlora_server.transport import stream_replies
 log = logging.getLogger("fedlora")
 
 
-DISCOVERY_WINDOW = 16
-"""Discovery queries in flight at once: with 1,000 simulated clients queried all at once, the
-simulation engine's delivery loop (nodes × stored messages per pass) doubled the run's CPU time."""
+DISCOVERY_WINDOW = 16  # queries in flight; the simulation engine's delivery pass costs nodes × stored messages
 
 
 def discover(grid: Grid, strategy: LoraStrategy, needed: int, known: list[NodeInfo] | None = None,
@@ -106,8 +104,7 @@ class Round:
     rejected: list[str] = field(default_factory=list)
     bytes_up: int = 0
     bytes_down: int = 0
-    train_seconds: float = 0.0
-    """Sum of the accepted clients' own local-training seconds (their ``train_seconds`` metric)."""
+    train_seconds: float = 0.0  # Σ of the accepted replies' own local-training seconds
     held: list = field(default_factory=list)
     """Client-level DP only: the updates, clipped and noised together once all have arrived."""
 
