@@ -92,9 +92,9 @@ PARTITIONS = LRUCache(max_entries=2)
 """The train/held-out split and every client's partition of it, per dataset and client count
 (1,000 partitions of GSM8K cost about 5 MB: they are index views of one Arrow table)."""
 EXAMPLE_TOKENS = 2_000_000
-"""Token budget of :data:`EXAMPLES` per process (input ids + labels, about 150 MB at worst as
-Python lists); all of GSM8K's training rows are about 0.5 M, so 1,000 small clients all fit, while
-a large corpus is bounded."""
+"""Budget of :data:`EXAMPLES` per process, in list items (input ids + labels; at most about 75 MB
+as Python lists of ints); all of GSM8K's training rows are about 0.5 M, so 1,000 small clients all
+fit, while a large corpus is bounded."""
 EXAMPLES = LRUCache(max_entries=10_000, max_weight=EXAMPLE_TOKENS)
 """Tokenised examples per client, split and limit."""
 
@@ -140,10 +140,10 @@ def build_model(cfg: FedloraConfig, rank: int | None = None, kind: str | None = 
     loaded and quantized once, and the caller gets a private copy of it, equal to a fresh build bit
     for bit. The first build in a process is a plain one and nothing is kept, so a process that
     builds once (a deployed SuperNode runs every message in a fresh ``flwr-clientapp`` process)
-    holds one model, not a cached one and its copy. The copy owns
-    every layer an adapter wraps (base terms and merges write there) and aliases the other frozen
-    tensors (embeddings, norms, the head: read-only everywhere) through new ``Parameter`` objects,
-    which makes a copy of Gemma 3 270M take 0.5 s instead of 2.5 s (a fresh load takes 6 s).
+    holds one model, not a cached one and its copy. The copy owns every layer an adapter wraps
+    (base terms and merges write there) and aliases the other frozen tensors (embeddings, norms,
+    the head: read-only everywhere) through new ``Parameter`` objects, which makes a copy of
+    Gemma 3 270M take 0.5 s instead of 2.5 s (a fresh load takes 6 s).
     """
     kind = kind or cfg.adapter.kind
     if not reuse:
