@@ -43,6 +43,7 @@ from safetensors.torch import load_file, save_file
 from fedlora.adapters.state import LoraFactors
 from fedlora.aggregation.common import GlobalState
 from fedlora.aggregation.padding import DenseTerm
+from fedlora.config import unflatten
 
 FORMAT_VERSION = 1
 CHECKPOINTS = "checkpoints"
@@ -453,11 +454,4 @@ def resume_config(saved: dict[str, Any], composed: dict[str, Any], overrides: li
     merged["run_dir"] = picked.get("run_dir", "")  # the run continues where it is now, even if moved
     if picked.get("client_rank_tiers"):  # the saved config holds earlier tiers expanded into client_ranks
         merged["client_ranks"] = []
-    out: dict[str, Any] = {}
-    for key, value in merged.items():
-        node = out
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
+    return unflatten(merged)

@@ -410,14 +410,19 @@ def config_from_run_config(run_config: dict[str, Any]) -> FedloraConfig:
     Flower flattens nested TOML tables into dotted keys and has no lists, so list fields are
     written as comma-separated strings (``client_ranks = "4,8,16"``).
     """
+    return config_from_dict(unflatten({key.replace("-", "_"): value for key, value in run_config.items()}))
+
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"train.lr": 0.002}`` → ``{"train": {"lr": 0.002}}``."""
     nested: dict[str, Any] = {}
-    for key, value in run_config.items():
+    for key, value in flat.items():
         node = nested
-        *parents, leaf = key.replace("-", "_").split(".")
+        *parents, leaf = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
-    return config_from_dict(nested)
+    return nested
 
 
 def config_to_dict(cfg: FedloraConfig) -> dict[str, Any]:
