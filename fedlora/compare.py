@@ -327,16 +327,18 @@ def plot(runs: list[Run], out: Path, fronts: dict[str, set[int]]) -> list[str]:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-    names = []
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for run in runs:
-        rows = [r for r in run.rows if r.get("eval_loss") is not None]
-        ax.plot([r["round"] for r in rows], [r["eval_loss"] for r in rows], "o-", label=_legend(run))
-    ax.set(xlabel="round", ylabel="held-out loss (response tokens)", title="eval loss per round")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    names.append(_save(fig, out / "compare_eval_loss.png"))
+    def per_round(key: str, ylabel: str, title: str, which: list[Run], path: Path) -> str:
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for run in which:
+            rows = [r for r in run.rows if r.get(key) is not None]
+            ax.plot([r["round"] for r in rows], [r[key] for r in rows], "o-", label=_legend(run))
+        ax.set(xlabel="round", ylabel=ylabel, title=title)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+        return _save(fig, path)
+
+    names = [per_round("eval_loss", "held-out loss (response tokens)", "eval loss per round", runs, out / "compare_eval_loss.png")]
 
     panels = [(name, label, [r.metric(name) for r in runs]) for name, label, _ in METRICS if name in fronts]
     fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5), squeeze=False)
@@ -360,15 +362,7 @@ def plot(runs: list[Run], out: Path, fronts: dict[str, set[int]]) -> list[str]:
 
     private = [r for r in runs if r.epsilon is not None]
     if private:
-        fig, ax = plt.subplots(figsize=(8, 5))
-        for run in private:
-            rows = [r for r in run.rows if r.get("epsilon") is not None]
-            ax.plot([r["round"] for r in rows], [r["epsilon"] for r in rows], "o-", label=_legend(run))
-        ax.set(xlabel="round", ylabel="ε spent (worst client)", title="privacy spent per round")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-        names.append(_save(fig, out / "compare_epsilon.png"))
+        names.append(per_round("epsilon", "ε spent (worst client)", "privacy spent per round", private, out / "compare_epsilon.png"))
         names.append(_privacy_utility(runs, out, fronts, plt))
     plt.close("all")
     return names
