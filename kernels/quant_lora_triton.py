@@ -65,6 +65,19 @@ def _nf4_select(p4, q):
 
 
 @triton.jit
+def _nf4_absmax(p1, p2, p3, p5, block, mask, DQ: tl.constexpr):
+    """NF4 absmax of each 64-value ``block``: stored fp32 (p1), or double-quantised (p1 8-bit
+    codes into the p5 table, × the per-256-block scale p2, + the offset p3)."""
+    if DQ:
+        qa = tl.load(p1 + block, mask=mask, other=0).to(tl.int32)
+        absmax = tl.load(p5 + qa) * tl.load(p2 + block // 256, mask=mask, other=0.0)
+        absmax = absmax + tl.load(p3)
+    else:
+        absmax = tl.load(p1 + block, mask=mask, other=0.0)
+    return absmax
+
+
+@triton.jit
 def _deq_tile(
     p0, p1, p2, p3, p4, p5,  # format tensors (see _format_args)
     rows, k0, N, K,
@@ -91,12 +104,7 @@ def _deq_tile(
                     lv = tl.join(tl.load(p4 + (byte >> 4)), tl.load(p4 + (byte & 15)))
                 lv = tl.reshape(lv, (BN, BK // 64, 64))
                 blk = rows[:, None] * (K // 64) + (k0 // 64 + tl.arange(0, BK // 64))[None, :]  # (BN, BK/64)
-                if DQ:
-                    qa = tl.load(p1 + blk, mask=m2, other=0).to(tl.int32)
-                    absmax = tl.load(p5 + qa) * tl.load(p2 + blk // 256, mask=m2, other=0.0)
-                    absmax = absmax + tl.load(p3)
-                else:
-                    absmax = tl.load(p1 + blk, mask=m2, other=0.0)
+                absmax = _nf4_absmax(p1, p2, p3, p5, blk, m2, DQ)
                 w = tl.reshape(lv * absmax[:, :, None], (BN, BK))
             else:  # int4/3/2 group-wise: p0 low plane, p1 high-bit plane (int3), p2 scale fp16, p3 zero uint8
                 if BITS == 4:
@@ -122,12 +130,7 @@ def _deq_tile(
             idx = tl.where((flat % 2) == 0, byte >> 4, byte & 15)  # first value in the high nibble
             level = tl.load(p4 + idx)
             block = flat // 64
-            if DQ:
-                qa = tl.load(p1 + block, mask=mask, other=0).to(tl.int32)
-                absmax = tl.load(p5 + qa) * tl.load(p2 + block // 256, mask=mask, other=0.0)
-                absmax = absmax + tl.load(p3)
-            else:
-                absmax = tl.load(p1 + block, mask=mask, other=0.0)
+            absmax = _nf4_absmax(p1, p2, p3, p5, block, mask, DQ)
             w = level * absmax
         elif FMT == 1:
             q = tl.load(p0 + rows[:, None] * K + cols[None, :], mask=mask, other=0).to(tl.float32)
