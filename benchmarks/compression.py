@@ -96,7 +96,7 @@ def measure_agg_error(layers: int) -> list[dict]:
     updates = client_updates(layers)
     weights = [1.0, 2.0, 3.0, 4.0]
     rows = []
-    for method, aggregate in (("fedavg", fedavg.aggregate), ("fedex", fedex.aggregate)):
+    for method, aggregate in (("fedavg", fedavg.METHOD.aggregate), ("fedex", fedex.METHOD.aggregate)):
         for scheme in SCHEMES:
             r = agg_error_effect(updates, weights, scheme, aggregate=aggregate, state=GlobalState(adapter={}))
             rows.append({"method": method, **r})

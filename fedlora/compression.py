@@ -161,7 +161,7 @@ def agg_error_effect(
     updates: Sequence[AdapterState],
     weights: Sequence[float],
     scheme: str,
-    aggregate: Aggregate = fedavg.aggregate,
+    aggregate: Aggregate = fedavg.METHOD.aggregate,
     state: GlobalState | None = None,
 ) -> dict[str, float | int | str]:
     """One round aggregated from exact and from compressed client updates, against the exact ΔW*.

@@ -352,18 +352,18 @@ def check_node(node_config: str, app_dir: str | Path = ".", run_config: str = ""
                             f"{len(train) + len(held_out)} rows; lower it in the run config for small files")
     if node.num_partitions != cfg.num_clients and not node.data_path:
         report.notes.append(f"num-partitions={node.num_partitions} differs from the run's num_clients={cfg.num_clients}")
-    from fedlora_server.strategy import make_strategy
+    from fedlora.aggregation import check_ranks, resolve_method
 
-    strategy = make_strategy(cfg)
+    method = resolve_method(cfg)
     expected = cfg.client_rank(node.partition_id) if node.num_partitions == cfg.num_clients else cfg.adapter.rank
     try:
-        strategy.check_ranks([node.rank, expected])
+        check_ranks(method, [node.rank, expected])
     except ValueError as err:
         report.problems.append(f"lora-rank={node.rank} vs the run's rank {expected}: {err}")
     else:
         if node.rank != expected:
             report.notes.append(f"lora-rank={node.rank} differs from the run's rank {expected} "
-                                f"(strategy {strategy.name} mixes ranks)")
+                                f"(strategy {method.name} mixes ranks)")
     if node.device and node.device.startswith("cuda"):
         import torch
 

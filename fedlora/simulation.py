@@ -15,9 +15,9 @@ from fedlora.workspace import load_splits
 
 def preflight(cfg: FedloraConfig) -> None:
     """Fail on bad strategy, data, partitioning or checkpoint before the simulation engine starts."""
-    from fedlora_server.strategy import make_strategy
+    from fedlora.aggregation import resolve_method
 
-    make_strategy(cfg)
+    resolve_method(cfg)
     if cfg.resume:  # corrupt or incompatible: refused here, with the run directory untouched
         from fedlora.checkpoint import prepare_resume
 

@@ -14,7 +14,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedlora.adapters.state import LoraFactors
-from fedlora.aggregation import GlobalState
+from fedlora.aggregation import GlobalState, fedsb
 from fedlora.fedsb_init import server_factors, server_range_basis
 from fedlora.messages import CONFIG, content_bytes, from_array_record, to_array_record
 from fedlora_server.transport import stream_replies
@@ -72,8 +72,8 @@ def federated_sb_init(grid: Grid, strategy: LoraStrategy, state: GlobalState, no
     run_extras = {k: v for k, v in state.extras.items() if k not in ("sb_frame", "sb_core", "rank_scales")}
     # Start from R = 0 on the new frame and apply R₀ as one update, so that (with mixed ranks) the
     # part of R₀ a low-rank client cannot hold is folded exactly into the base, as every round does.
-    zero = strategy.method.initial_state(frame, scale, **run_extras)
+    zero = fedsb.initial_state(frame, scale, **run_extras)
     r0 = {n: LoraFactors(core[n], torch.eye(rank), scale) for n in layers}
-    new_state = strategy.method.aggregate(zero, [r0], [1.0])
+    new_state = fedsb.METHOD.aggregate(zero, [r0], [1.0])
     cost = {"init_bytes_down": down1 + down2, "init_bytes_up": up1 + up2, "init_clients": len(order)}
     return new_state, cost

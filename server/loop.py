@@ -20,7 +20,8 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedlora.adapters import get_adapter_state, set_adapter_state
-from fedlora.aggregation import GlobalState, aggregation_error, round_update
+from fedlora.adapters.state import AdapterState
+from fedlora.aggregation import GlobalState, RoundAggregate, aggregation_error, check_ranks, round_update
 from fedlora.base_terms import apply_base_terms
 from fedlora.checkpoint import (
     Checkpoint,
@@ -90,14 +91,20 @@ def discover(grid: Grid, strategy: LoraStrategy, needed: int, known: list[NodeIn
             continue
         m = reply.content[METRICS]
         nodes.append(NodeInfo(reply.metadata.src_node_id, int(m["partition-id"]), int(m["rank"]), int(m["num-examples"])))
-    strategy.check_ranks([n.rank for n in nodes])
+    check_ranks(strategy.method, [n.rank for n in nodes])
     return nodes
 
 
 @dataclass
 class Round:
-    """One round's bookkeeping while replies stream in."""
+    """One round's bookkeeping while replies stream in: :meth:`take` checks each train reply and
+    folds it into the method's aggregate and the ΔW* reference, so what the server holds is the
+    method's running sums (streaming methods) rather than the replies."""
 
+    strategy: LoraStrategy
+    state: GlobalState
+    client_dp: bool = False
+    """Client-level DP: updates are held, then clipped and noised together once all have arrived."""
     accepted: int = 0
     weights: list[float] = field(default_factory=list)
     train_losses: list[float] = field(default_factory=list)
@@ -106,7 +113,34 @@ class Round:
     bytes_down: int = 0
     train_seconds: float = 0.0  # Σ of the accepted replies' own local-training seconds
     held: list = field(default_factory=list)
-    """Client-level DP only: the updates, clipped and noised together once all have arrived."""
+    aggregate: RoundAggregate = field(init=False)
+    ideal: IdealAccumulator = field(init=False, default_factory=IdealAccumulator)
+
+    def __post_init__(self) -> None:
+        self.aggregate = self.strategy.accumulator(self.state)
+
+    def take(self, content: RecordDict, start: AdapterState, size: int, who: str) -> bool:
+        """Check one train reply of ``size`` bytes from a client sent ``start`` and fold it in;
+        returns whether it was accepted (if not, the reason is in :attr:`rejected`)."""
+        limit = self.strategy.max_reply_bytes(start)
+        if size > limit:
+            self.rejected.append(f"{who}: oversized reply: {size} bytes > {limit} (strategy.max_reply_bytes)")
+            return False
+        reason, update, metrics = self.strategy.check_train_reply(content, start)
+        if reason:
+            self.rejected.append(f"{who}: {reason}")
+            return False
+        weight = 1.0 if self.client_dp else float(metrics["num-examples"])  # client-level DP: equal weights
+        if self.client_dp:
+            self.held.append(update)
+        else:
+            self.aggregate.add(update, weight)
+        self.ideal.add(self.strategy.lift(self.state, update), weight)
+        self.accepted += 1
+        self.weights.append(weight)
+        self.train_losses.append(float(metrics["train_loss"]))
+        self.train_seconds += float(metrics.get("train_seconds", 0.0))
+        return True
 
 
 def round_messages(strategy: LoraStrategy, state: GlobalState, nodes: list[NodeInfo], starts: dict, rnd: int,
@@ -162,11 +196,10 @@ def run_round(grid: Grid, strategy: LoraStrategy, state: GlobalState, nodes: lis
               cfg: FedloraConfig, frame_sent: set[int], run_dir: Path,
               client_dp: ClientLevelDP | None = None) -> tuple[Round, GlobalState | None, float | None]:
     """Train on ``nodes``; returns the bookkeeping, the new state (None if too few replies) and agg_error."""
-    out = Round()
+    out = Round(strategy, state, client_dp=client_dp is not None)
     starts = {node.node_id: strategy.start_for(state, node.rank) for node in nodes}
     messages = round_messages(strategy, state, nodes, starts, rnd, cfg, frame_sent, MessageType.TRAIN)
     out.bytes_down = sum(content_bytes(m.content) for m in messages)
-    acc, ideal = strategy.accumulator(state), IdealAccumulator()
     by_id = {node.node_id: node for node in nodes}
     replied: set[int] = set()
     for reply in stream_replies(grid, messages, cfg.strategy.round_timeout):
@@ -186,24 +219,7 @@ def run_round(grid: Grid, strategy: LoraStrategy, state: GlobalState, nodes: lis
         if node not in by_id:
             out.rejected.append(f"{who}: unexpected reply from a node that was not sampled")
             continue
-        limit = strategy.max_reply_bytes(starts[node])
-        if size > limit:
-            out.rejected.append(f"{who}: oversized reply: {size} bytes > {limit} (strategy.max_reply_bytes)")
-            continue
-        reason, update, metrics = strategy.check_train_reply(reply.content, starts[node])
-        if reason:
-            out.rejected.append(f"{who}: {reason}")
-            continue
-        weight = 1.0 if client_dp else float(metrics["num-examples"])  # client-level DP: equal weights
-        if client_dp:
-            out.held.append(update)
-        else:
-            acc.add(update, weight)
-        ideal.add(strategy.lift(state, update), weight)
-        out.accepted += 1
-        out.weights.append(weight)
-        out.train_losses.append(float(metrics["train_loss"]))
-        out.train_seconds += float(metrics.get("train_seconds", 0.0))
+        out.take(reply.content, starts[node], size, who)
     for node in nodes:
         if node.node_id not in replied:
             out.rejected.append(f"partition {node.partition_id} (node {node.node_id}): straggler: no reply within "
@@ -219,8 +235,8 @@ def run_round(grid: Grid, strategy: LoraStrategy, state: GlobalState, nodes: lis
         new_state = client_dp.release(strategy, state, start, out.held, run_dir, rnd, cfg.dp.max_grad_norm)
         out.held.clear()
     else:
-        new_state = acc.finish()
-    return out, new_state, aggregation_error(round_update(state, new_state), ideal.result())
+        new_state = out.aggregate.finish()
+    return out, new_state, aggregation_error(round_update(state, new_state), out.ideal.result())
 
 
 def run_server(grid: Grid, cfg: FedloraConfig, run_dir: str | Path) -> dict:

@@ -1,9 +1,6 @@
 """Thin Flower-side strategy: who trains, what each client is sent, which replies are fit to
-aggregate. The math of each method lives in ``fedlora.aggregation.<name>``.
-
-Per method this file only records three facts: the adapter kind clients train (a frozen-A LoRA
-for FFA-LoRA, a B·R·A adapter for Fed-SB, else plain LoRA), the parts of the adapter that travel
-each way (B only, R only, or A and B), and how the first global state is made.
+aggregate. Every fact about a method (adapter kind, parts that travel, streaming, slicing, the
+first state) comes from its declaration, ``fedlora.aggregation.<name>.METHOD``.
 """
 
 from __future__ import annotations
@@ -12,25 +9,18 @@ import math
 import random
 import re
 from dataclasses import dataclass
-from types import ModuleType
 
 import numpy as np
 import torch
 
-from fedlora.adapters.lora import layer_generator, lora_scale
-from fedlora.adapters.sb import data_free_frame
 from flwr.app import RecordDict
 
+from fedlora.adapters.lora import lora_scale
 from fedlora.adapters.state import AdapterState, arrays_to_state, layout_mismatch
-from fedlora.aggregation import AGGREGATORS, GlobalState
+from fedlora.aggregation import GlobalState, Method, RoundAggregate, resolve_method
 from fedlora.aggregation.common import AggregationError, normalize_weights
-from fedlora.config import ConfigError, FedloraConfig
+from fedlora.config import FedloraConfig
 from fedlora.messages import METRICS, UPDATE, from_array_record
-
-ADAPTER_KIND = {"ffa": "frozen_a", "fedsb": "sb"}
-"""Strategies whose clients train a special adapter kind (others train plain LoRA)."""
-PAYLOAD = {"ffa": ("B",), "fedsb": ("R",)}
-"""Parts of the adapter that travel, both ways (default: A and B)."""
 
 
 @dataclass
@@ -43,66 +33,31 @@ class NodeInfo:
     num_examples: int
 
 
-class _ListAccumulator:
-    """For methods that need every update at once (FedEx-LoRA, FLoRA merge layer by layer)."""
-
-    def __init__(self, method: ModuleType, state: GlobalState) -> None:
-        self.method, self.state, self.updates, self.weights = method, state, [], []
-
-    def add(self, update: AdapterState, weight: float) -> None:
-        self.updates.append(update)
-        self.weights.append(weight)
-
-    def finish(self) -> GlobalState:
-        return self.method.aggregate(self.state, self.updates, self.weights)
-
-
-class _StreamingAccumulator:
-    """For methods with an ``accumulator``/``finish`` pair: memory flat in the number of clients."""
-
-    def __init__(self, method: ModuleType, state: GlobalState) -> None:
-        self.method, self.state = method, state
-        self.acc = method.accumulator(state)
-
-    def add(self, update: AdapterState, weight: float) -> None:
-        self.acc.add(update, weight)
-
-    def finish(self) -> GlobalState:
-        return self.method.finish(self.state, self.acc)
-
-
 @dataclass
 class LoraStrategy:
     """Sampling, payloads and aggregation for one run."""
 
     cfg: FedloraConfig
-    method: ModuleType
+    method: Method
 
     @property
     def name(self) -> str:
-        return self.cfg.strategy.name
+        return self.method.name
 
     @property
     def exact(self) -> bool:
-        return bool(self.method.EXACT)
+        return self.method.exact
 
     @property
     def adapter_kind(self) -> str:
-        return ADAPTER_KIND.get(self.name, self.cfg.adapter.kind)
+        return self.cfg.adapter.kind if self.method.adapter_kind == "lora" else self.method.adapter_kind
 
     @property
     def parts(self) -> tuple[str, ...]:
-        return PAYLOAD.get(self.name, ("A", "B"))
+        return self.method.parts
 
     def scale(self, rank: int) -> float:
         return lora_scale(self.cfg.adapter.alpha, rank, self.cfg.adapter.rslora)
-
-    def check_ranks(self, ranks: list[int]) -> None:
-        if len(set(ranks)) > 1 and not self.method.MIXED_RANKS:
-            raise ConfigError(
-                f"strategy={self.name} cannot aggregate clients of different ranks {sorted(set(ranks))}; "
-                "give every client the same rank or use ffa, fedex, flora, fedsb or hetlora"
-            )
 
     def num_to_sample(self, available: int) -> int:
         s = self.cfg.strategy
@@ -117,15 +72,7 @@ class LoraStrategy:
         """The round-0 state from the server model's freshly initialised rank-r_max adapter."""
         extras = {"seed": self.cfg.adapter.init_seed, "min_rank": min_rank,
                   "lorafair_lambda": self.cfg.strategy.lorafair_lambda}
-        if self.name != "fedsb":
-            return GlobalState(adapter=adapter, extras=extras)
-        # Fed-SB: a data-free orthonormal frame per layer, drawn from (seed, layer); R₀ = 0.
-        frame = {}
-        for name, f in adapter.items():
-            d_out, d_in, r = f.B.shape[0], f.A.shape[1], f.rank
-            frame[name] = data_free_frame(d_out, d_in, r, generator=layer_generator(self.cfg.adapter.init_seed, name))
-        rank = next(iter(adapter.values())).rank
-        return self.method.initial_state(frame, self.scale(rank), **extras)
+        return self.method.initial_state(adapter, extras)
 
     def frame_for(self, state: GlobalState, rank: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
         """A rank-``rank`` client's slice of the Fed-SB frame (None for other methods)."""
@@ -135,10 +82,7 @@ class LoraStrategy:
 
     def start_for(self, state: GlobalState, rank: int) -> AdapterState:
         """The adapter a rank-``rank`` client starts its round from."""
-        slicer = getattr(self.method, "slice_for_rank", None)
-        if slicer is None:
-            return state.adapter
-        return slicer(state, rank, scale=self.scale(rank))
+        return self.method.slice_for_rank(state, rank, scale=self.scale(rank))
 
     def expected_reply(self, start: AdapterState) -> dict[str, tuple[int, ...]]:
         """Key → shape of the update arrays a client that was sent ``start`` must reply with: the
@@ -223,15 +167,14 @@ class LoraStrategy:
             return f"malformed update ({err})", None, metrics
         return self.check_update(update, start), update, metrics
 
-    def accumulator(self, state: GlobalState):
-        if hasattr(self.method, "accumulator"):
-            return _StreamingAccumulator(self.method, state)
-        return _ListAccumulator(self.method, state)
+    def accumulator(self, state: GlobalState) -> RoundAggregate:
+        """The round's aggregate: ``add`` each accepted reply, then ``finish`` (streaming where the
+        method declares it, so the server holds running sums, not the replies)."""
+        return self.method.begin(state)
 
     def lift(self, state: GlobalState, update: AdapterState) -> AdapterState:
         """A client update as ordinary LoRA factors (Fed-SB cores → s·B·R·A), for ΔW*."""
-        lifter = getattr(self.method, "lift_updates", None)
-        return lifter(state, [update])[0] if lifter else update
+        return self.method.lift(state, update)
 
 
 def short_error(text: str, limit: int = 300) -> str:
@@ -263,16 +206,9 @@ class IdealAccumulator:
 
 
 def make_strategy(cfg: FedloraConfig) -> LoraStrategy:
-    """The strategy named by ``cfg.strategy.name``, checked against the configured client ranks."""
-    name = cfg.strategy.name
-    if name not in AGGREGATORS:
-        raise ConfigError(f"strategy={name!r} is unknown; choose one of {', '.join(sorted(AGGREGATORS))}")
-    strategy = LoraStrategy(cfg, AGGREGATORS[name])
-    if cfg.client_ranks:
-        strategy.check_ranks(cfg.client_ranks)
-    if name in ADAPTER_KIND and cfg.adapter.kind not in ("lora", ADAPTER_KIND[name]):
-        raise ConfigError(f"strategy={name} trains adapter.kind={ADAPTER_KIND[name]}; remove adapter.kind={cfg.adapter.kind}")
-    return strategy
+    """The strategy named by ``cfg.strategy.name``, checked against the config
+    (:func:`fedlora.aggregation.resolve_method`; raises ``ConfigError``)."""
+    return LoraStrategy(cfg, resolve_method(cfg))
 
 
 __all__ = ["IdealAccumulator", "LoraStrategy", "NodeInfo", "make_strategy", "normalize_weights", "short_error"]

@@ -67,7 +67,7 @@ def _ffa_round(ranks, weights, seed=0):
         for r in ranks
     ]
     deltas = [{n: f.scale * f.B.double() @ f.A.double() for n, f in u.items()} for u in updates]
-    return before, updates, deltas, ffa.aggregate(before, updates, weights)
+    return before, updates, deltas, ffa.METHOD.aggregate(before, updates, weights)
 
 
 def _frame(r_max, seed):
@@ -89,7 +89,7 @@ def _fedsb_round(ranks, weights, seed=0, before=None):
     A = {n: fr["A"].double() for n, fr in before.extras["sb_frame"].items()}
     # a rank-r client's update s·B[:, :r]·R·A[:r] (nested frame), with R = core.A since core.B = I
     deltas = [{n: f.scale * B[n][:, : f.rank] @ f.A.double() @ A[n][: f.rank] for n, f in u.items()} for u in updates]
-    return before, updates, deltas, fedsb.aggregate(before, updates, weights)
+    return before, updates, deltas, fedsb.METHOD.aggregate(before, updates, weights)
 
 
 ROUNDS = {
@@ -143,7 +143,7 @@ def _global_module(method, name, before, after, rank):
         for term in after.base_terms.get(name, [])[len(before.base_terms.get(name, [])):]:
             w = w + term.delta(torch.float64)
         base.weight.copy_(w.float())
-    start = MODULES[method].slice_for_rank(after, rank, scale=scale(rank))[name]
+    start = MODULES[method].METHOD.slice_for_rank(after, rank, scale=scale(rank))[name]
     if method == "fedsb":
         m = SBLinear(base, rank, ALPHA)
         fr = after.extras["sb_frame"][name]
@@ -173,7 +173,7 @@ def test_exact_methods_match_the_float64_reference(method, ranks, weights):
         assert got[name].shape == SHAPES[name]
         assert _rel_err(got[name], ref[name]) < 1e-5, name
     assert aggregation_error(got, ref) < 1e-5
-    assert MODULES[method].EXACT and MODULES[method].MIXED_RANKS
+    assert MODULES[method].METHOD.exact and MODULES[method].METHOD.mixed_ranks
 
 
 @pytest.mark.parametrize("ranks", RANKS.values(), ids=RANKS.keys())
@@ -202,11 +202,11 @@ def test_fedavg_hetlora_lorafair_report_real_errors_and_lorafair_beats_fedavg():
     # Prepare
     weights = WEIGHTS["unequal"]
     # Execute
-    before, _, deltas, avg = _lora_round(fedavg.aggregate, RANKS["equal"], weights, seed=5)
+    before, _, deltas, avg = _lora_round(fedavg.METHOD.aggregate, RANKS["equal"], weights, seed=5)
     _, _, _, fair = _lora_round(lorafair.aggregate, RANKS["equal"], weights, seed=5)
     ridge_aggregate = functools.partial(lorafair.aggregate, method="ridge")
     _, _, _, ridge = _lora_round(ridge_aggregate, RANKS["equal"], weights, seed=5)
-    _, _, het_deltas, het = _lora_round(hetlora.aggregate, RANKS["mixed"], weights, seed=5)
+    _, _, het_deltas, het = _lora_round(hetlora.METHOD.aggregate, RANKS["mixed"], weights, seed=5)
     ref, het_ref = _reference(deltas, weights), _reference(het_deltas, weights)
     errors = {
         "fedavg": aggregation_error(round_update(before, avg), ref),
@@ -217,7 +217,7 @@ def test_fedavg_hetlora_lorafair_report_real_errors_and_lorafair_beats_fedavg():
     # Assert: clearly non-zero on random updates; the ridge never does worse than FedAvg
     assert all(e > 0.05 for e in errors.values()), errors
     assert errors["ridge"] <= errors["fedavg"]
-    assert not (fedavg.EXACT or hetlora.EXACT or lorafair.EXACT)
+    assert not (fedavg.METHOD.exact or hetlora.METHOD.exact or lorafair.METHOD.exact)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,7 +240,7 @@ def test_ffa_a_is_bit_identical_after_a_real_optimiser_step_and_after_aggregatio
             opt.step()
         clients.append(m)
     updates = [{"l": LoraFactors(m.lora_A.detach().clone(), m.lora_B.detach().clone(), m.scale)} for m in clients]
-    after = ffa.aggregate(GlobalState({"l": LoraFactors(a0, torch.zeros(20, 4), clients[0].scale)}), updates, [1, 3])
+    after = ffa.METHOD.aggregate(GlobalState({"l": LoraFactors(a0, torch.zeros(20, 4), clients[0].scale)}), updates, [1, 3])
     # Assert
     for m in clients:
         assert torch.equal(m.lora_A, a0) and not m.lora_A.requires_grad
@@ -270,7 +270,7 @@ def test_ffa_refuses_a_client_whose_a_moved():
     moved["tall"] = LoraFactors(f.A + 1e-6, f.B, f.scale)
     # Execute / Assert
     with pytest.raises(AggregationError, match="differs from the shared frozen A"):
-        ffa.aggregate(before, [updates[0], moved, updates[2]], WEIGHTS["equal"])
+        ffa.METHOD.aggregate(before, [updates[0], moved, updates[2]], WEIGHTS["equal"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,8 +335,8 @@ def test_fedsb_round_result_depends_only_on_that_rounds_updates():
     s0, _, _, s1 = _fedsb_round(RANKS["equal"], WEIGHTS["unequal"], seed=1)
     round2 = _cores(RANKS["equal"], seed=2)
     # Execute: round 2 after round 1, and round 2 alone from the initial state
-    after_both = fedsb.aggregate(s1, round2, WEIGHTS["equal"])
-    alone = fedsb.aggregate(s0, round2, WEIGHTS["equal"])
+    after_both = fedsb.METHOD.aggregate(s1, round2, WEIGHTS["equal"])
+    alone = fedsb.METHOD.aggregate(s0, round2, WEIGHTS["equal"])
     # Assert
     for n in SHAPES:
         assert torch.equal(after_both.extras["sb_core"][n].A, alone.extras["sb_core"][n].A)
@@ -463,8 +463,8 @@ def test_hetlora_weights_by_update_norm_and_truncates():
     updates, _ = _updates(RANKS["mixed"], seed=13)
     zero = {n: LoraFactors(f.A, torch.zeros_like(f.B), f.scale) for n, f in updates[1].items()}
     # Execute
-    with_zero = hetlora.aggregate(GlobalState({}), [updates[0], zero, updates[2]], [1, 1, 1])
-    without = hetlora.aggregate(GlobalState({}), [updates[0], updates[2]], [1, 1])
+    with_zero = hetlora.METHOD.aggregate(GlobalState({}), [updates[0], zero, updates[2]], [1, 1, 1])
+    without = hetlora.METHOD.aggregate(GlobalState({}), [updates[0], updates[2]], [1, 1])
     low = hetlora.slice_for_rank(with_zero, 2, scale=scale(2))
     # Assert
     for n in SHAPES:
@@ -505,13 +505,13 @@ def _streams(module, kind, **options):
     return (
         lambda s: module.accumulator(s, **options),
         lambda s, acc: module.finish(s, acc).adapter,
-        lambda s, u, w: module.aggregate(s, u, w, **options),
+        (lambda s, u, w: module.aggregate(s, u, w, **options)) if options else module.METHOD.aggregate,
         kind,
     )
 
 
 STREAMING = {
-    "fedavg": (lambda s: fedavg.FedAvgAccumulator(), lambda s, acc: acc.result(), fedavg.aggregate, "lora"),
+    "fedavg": _streams(fedavg, "lora"),
     "ffa": _streams(ffa, "ffa"),
     "fedsb": _streams(fedsb, "fedsb"),
     "hetlora": _streams(hetlora, "lora"),

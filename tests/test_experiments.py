@@ -11,13 +11,13 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from fedlora.aggregation import AGGREGATORS
+from fedlora.aggregation import METHODS
 from fedlora.cli import conf_dir, main
 from fedlora.config import FedloraConfig, config_from_dict
 from fedlora.sweep import SweepError, check_job, sweep_jobs, sweep_note
 
 EXPERIMENTS = sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml"))
-MIXED = sorted(name for name, module in AGGREGATORS.items() if module.MIXED_RANKS)
+MIXED = sorted(name for name, method in METHODS.items() if method.mixed_ranks)
 
 EXPECTED_RUNS = {"strategies": 7, "hetero_ranks": 15, "non_iid": 12, "communication": 21, "privacy": 16}
 
@@ -60,7 +60,7 @@ def test_suites_share_partitions_and_seeds_within_themselves(suites):
 
 
 def test_strategies_suite_runs_every_strategy_once(suites):
-    assert sorted(c.strategy.name for c in suites["strategies"]) == sorted(AGGREGATORS)
+    assert sorted(c.strategy.name for c in suites["strategies"]) == sorted(METHODS)
     assert {c.adapter.rank for c in suites["strategies"]} == {8}
 
 
@@ -83,7 +83,7 @@ def test_non_iid_suite_sweeps_alpha_for_three_strategies(suites):
 def test_communication_suite_crosses_strategies_and_ranks_and_measures_accuracy(suites):
     cfgs = suites["communication"]
     assert sorted((c.strategy.name, c.adapter.rank) for c in cfgs) == sorted(
-        (s, r) for s in AGGREGATORS for r in (4, 16, 64))
+        (s, r) for s in METHODS for r in (4, 16, 64))
     assert all(c.eval.gsm8k_problems == 50 for c in cfgs)
 
 

@@ -27,7 +27,7 @@ def test_fedavg_factors_equal_float64_weighted_means(weights):
     updates = _updates(3)
     p = torch.tensor(weights, dtype=torch.float64) / sum(weights)
     # Execute
-    result = fedavg.aggregate(GlobalState(adapter={}), updates, weights).adapter
+    result = fedavg.METHOD.aggregate(GlobalState(adapter={}), updates, weights).adapter
     # Assert
     for name in SHAPES:
         ref_a = sum(p[i] * updates[i][name].A.double() for i in range(3))
@@ -42,7 +42,7 @@ def test_fedavg_error_matches_the_cross_term_formula():
     updates, weights = _updates(4, seed=1), [3, 1, 1, 2]
     p = [w / sum(weights) for w in weights]
     before = GlobalState(adapter={})
-    after = fedavg.aggregate(before, updates, weights)
+    after = fedavg.METHOD.aggregate(before, updates, weights)
     ideal = ideal_update(updates, weights)
     for name in SHAPES:
         a_bar, b_bar = after.adapter[name].A.double(), after.adapter[name].B.double()
@@ -56,7 +56,7 @@ def test_fedavg_is_exact_when_all_clients_share_a():
     for u in updates[1:]:
         for name in SHAPES:
             u[name] = LoraFactors(updates[0][name].A.clone(), u[name].B, u[name].scale)
-    after = fedavg.aggregate(GlobalState(adapter={}), updates, [1, 2, 3])
+    after = fedavg.METHOD.aggregate(GlobalState(adapter={}), updates, [1, 2, 3])
     assert aggregation_error(round_update(GlobalState({}), after), ideal_update(updates, [1, 2, 3])) < 1e-6
 
 
@@ -66,7 +66,7 @@ def test_streaming_accumulator_holds_fixed_memory_and_matches_batch():
     for u in updates:
         acc.add(u, 1.0)
     assert len(acc._sums) == len(SHAPES)  # one running sum per layer, whatever the client count
-    batch = fedavg.aggregate(GlobalState({}), updates, [1.0] * 6).adapter
+    batch = fedavg.METHOD.aggregate(GlobalState({}), updates, [1.0] * 6).adapter
     for name in SHAPES:
         torch.testing.assert_close(acc.result()[name].A, batch[name].A)
 
@@ -74,6 +74,6 @@ def test_streaming_accumulator_holds_fixed_memory_and_matches_batch():
 def test_mixed_ranks_and_bad_weights_are_refused_with_reasons():
     low, high = _updates(1, rank=2)[0], _updates(1, rank=4)[0]
     with pytest.raises(AggregationError, match="mixed ranks need a rank-aware strategy"):
-        fedavg.aggregate(GlobalState({}), [low, high], [1, 1])
+        fedavg.METHOD.aggregate(GlobalState({}), [low, high], [1, 1])
     with pytest.raises(AggregationError, match="positive sum"):
-        fedavg.aggregate(GlobalState({}), [low, low], [0, 0])
+        fedavg.METHOD.aggregate(GlobalState({}), [low, low], [0, 0])

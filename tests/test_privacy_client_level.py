@@ -7,12 +7,11 @@ import pytest
 import torch
 
 from fedlora.adapters.state import LoraFactors
-from fedlora.aggregation import fedavg, fedsb, ffa
+from fedlora.aggregation import METHODS, fedavg, fedsb, ffa
 from fedlora.aggregation.common import GlobalState
 from fedlora.config import DPConfig
 from fedlora.privacy.accounting import AccountantState, epsilon_rdp
 from fedlora.privacy.client_level import (
-    REFUSED,
     ClientLevelDPError,
     account_round,
     check_client_level_strategy,
@@ -81,8 +80,8 @@ def test_strategies_run_on_the_privatised_update_unchanged():
     # Execute
     rel_avg = privatize_round("fedavg", start, fedavg_updates, [1, 1, 1], clip=0.3, noise_multiplier=1.0, generator=noise_generator(1))
     rel_ffa = privatize_round("ffa", start, ffa_updates, [1, 1, 1], clip=0.3, noise_multiplier=1.0, generator=noise_generator(1))
-    state_avg = fedavg.aggregate(GlobalState(adapter=start), [rel_avg.update], [1.0])
-    state_ffa = ffa.aggregate(GlobalState(adapter=start), [rel_ffa.update], [1.0])
+    state_avg = fedavg.METHOD.aggregate(GlobalState(adapter=start), [rel_avg.update], [1.0])
+    state_ffa = ffa.METHOD.aggregate(GlobalState(adapter=start), [rel_ffa.update], [1.0])
     # Assert: the strategy returns θ' itself; FFA's A never moved, its B got the noise
     for n in start:
         assert torch.allclose(state_avg.adapter[n].B, rel_avg.update[n].B) and torch.allclose(state_avg.adapter[n].A, rel_avg.update[n].A)
@@ -101,7 +100,7 @@ def test_fedsb_cores_are_clipped_and_noised():
     cores = [{n: LoraFactors(c.A + 0.1 * torch.randn(r, r), c.B, c.scale) for n, c in start.items()} for _ in range(2)]
     # Execute
     release = privatize_round("fedsb", start, cores, [1, 1], clip=0.05, noise_multiplier=0.0, generator=noise_generator(0))
-    new = fedsb.aggregate(state, [release.update], [1.0])
+    new = fedsb.METHOD.aggregate(state, [release.update], [1.0])
     # Assert: R̄ is the mean of the clipped cores, which is within C of the start
     assert update_norm(start, release.update, ("A",)) <= 0.05 * (1 + 1e-6)
     for n in start:
@@ -120,7 +119,7 @@ def test_unequal_weights_and_unsupported_strategies_are_refused():
             check_secure_aggregation(name)
     with pytest.raises(ClientLevelDPError, match="does not know"):
         check_client_level_strategy("fedmystery")
-    assert set(REFUSED) == {"fedex", "flora", "lorafair", "hetlora"}
+    assert {n for n, m in METHODS.items() if m.client_dp.refused} == {"fedex", "flora", "lorafair", "hetlora"}
     assert check_client_level_strategy("ffa", secure_aggregation=True) == ("B",)
 
 

@@ -28,16 +28,6 @@ def normalize_weights(weights: Sequence[float]) -> list[float]:
     return [float(w) / total for w in weights]
 
 
-def stream_all(acc: Any, updates: Sequence[AdapterState], weights: Sequence[float]) -> Any:
-    """Feed every update into a streaming accumulator with its normalised weight; returns ``acc``.
-
-    The batch ``aggregate`` of a streaming method is this plus its ``finish``, so both paths run
-    the same arithmetic."""
-    for update, p in zip(updates, normalize_weights(weights), strict=True):
-        acc.add(update, p)
-    return acc
-
-
 def check_same_layout(reference: AdapterState, update: AdapterState, who: str = "client") -> None:
     """Raise unless ``update`` has the same layers and shapes as ``reference``."""
     reason = layout_mismatch(reference, update)

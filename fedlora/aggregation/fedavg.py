@@ -16,12 +16,8 @@ from collections.abc import Sequence
 import torch
 
 from fedlora.adapters.state import AdapterState, LoraFactors
-from fedlora.aggregation.common import AggregationError, GlobalState, check_same_layout, stream_all
-
-EXACT = False
-"""Whether s·B̄·Ā equals Σ p_i·s_i·B_i·A_i for any client updates."""
-MIXED_RANKS = False
-"""Whether clients of different ranks can take part in one round."""
+from fedlora.aggregation.common import AggregationError, GlobalState, check_same_layout
+from fedlora.aggregation.method import ClientDP, Method, Streaming
 
 
 class FedAvgAccumulator:
@@ -60,10 +56,24 @@ class FedAvgAccumulator:
         }
 
 
-def aggregate(
-    state: GlobalState, updates: Sequence[AdapterState], weights: Sequence[float]
-) -> GlobalState:
-    """Weighted mean of each factor over clients (weights need not sum to one); the base is
-    untouched, so ``state.base_terms`` carry over unchanged."""
-    acc = stream_all(FedAvgAccumulator(), updates, weights)
+def accumulator(state: GlobalState) -> FedAvgAccumulator:
+    """An empty accumulator for the round that starts from ``state``."""
+    return FedAvgAccumulator()
+
+
+def finish(state: GlobalState, acc: FedAvgAccumulator) -> GlobalState:
+    """The weighted mean of each factor; the base is untouched, so ``state.base_terms`` carry over."""
     return GlobalState(adapter=acc.result(), base_terms=state.base_terms, extras=state.extras)
+
+
+METHOD = Method(
+    name="fedavg",
+    paper="Zhang et al., ICASSP 2024 (FedIT), arXiv:2305.05644; McMahan et al., AISTATS 2017",
+    exact=False,  # Σ p_i B_i A_i − B̄Ā = Σ p_i (B_i − B̄)(A_i − Ā): measured as agg_error
+    mixed_ranks=False,
+    adapter_kind="lora",
+    parts=("A", "B"),
+    client_dp=ClientDP(clipped=("A", "B")),
+    weighted_sum=True,
+    aggregation=Streaming(accumulator, finish),
+)

@@ -40,13 +40,7 @@ import torch
 from fedlora.adapters.state import AdapterState, LoraFactors
 from fedlora.aggregation import padding
 from fedlora.aggregation.common import GlobalState, normalize_weights
-
-EXACT = True
-"""s_g·B̄·Ā + R equals Σ p_i·s_i·B_i·A_i for any client updates."""
-MIXED_RANKS = True
-"""Zero-padding to r_max keeps the residual exact."""
-
-slice_for_rank = padding.slice_for_rank
+from fedlora.aggregation.method import Buffered, ClientDP, Method
 
 
 def aggregate_layer(
@@ -91,3 +85,18 @@ def aggregate(
         base_terms=padding.appended_terms(state, residuals),
         extras=padding.next_extras(state, rank_scales),
     )
+
+
+METHOD = Method(
+    name="fedex",
+    paper="Singhal, Ponkshe & Vepakomma, 2024, arXiv:2410.09432",
+    exact=True,  # s_g·B̄·Ā + R = ΔW* for any updates
+    mixed_ranks=True,  # zero-padding to r_max keeps the residual exact
+    adapter_kind="lora",
+    parts=("A", "B"),
+    client_dp=ClientDP(refused="FedEx-LoRA adds the residual Σ p_i·B_i·A_i − B̄·Ā: " + "it needs every client's individual factors (their products B_i·A_i), which the clipped-and-noised mean does not release; on the privatised mean alone it would silently degenerate" + " to FedAvg"),
+    weighted_sum=False,  # the residual is a sum of products B_i·A_i
+    aggregation=Buffered(aggregate, why="the residual R = [B_1 … B_n, B̄]·[p_1·s_1·A_1; …; −s_g·Ā] is built "
+                         "from every client's factors of a layer, kept factored (rank Σr_i + r_max)"),
+    slice_for_rank=padding.slice_for_rank,
+)

@@ -38,14 +38,12 @@ from collections.abc import Sequence
 
 import torch
 
+from fedlora.adapters.lora import layer_generator
+from fedlora.adapters.sb import data_free_frame
 from fedlora.adapters.state import AdapterState, LoraFactors
 from fedlora.aggregation import padding
-from fedlora.aggregation.common import AggregationError, GlobalState, stream_all
-
-EXACT = True
-"""s_g·B·R̄·A equals Σ p_i·s_i·B·R_i·A for any client cores."""
-MIXED_RANKS = True
-"""Nested frames: a rank-r client trains the top-left r×r block of R."""
+from fedlora.aggregation.common import AggregationError, GlobalState
+from fedlora.aggregation.method import ClientDP, Method, Streaming
 
 Frame = dict[str, tuple[torch.Tensor, torch.Tensor]]
 """layer → (B (d_out, r), A (r, d_in))."""
@@ -102,10 +100,20 @@ def _lift(frame: dict[str, torch.Tensor], core: LoraFactors) -> LoraFactors:
     return LoraFactors(frame["A"][:r], B, core.scale)
 
 
-def lift_updates(state: GlobalState, updates: Sequence[AdapterState]) -> list[AdapterState]:
-    """Client cores as ordinary LoRA factors (for ``ideal_update``): s_i·B·R_i·A per layer."""
+def lift_update(state: GlobalState, update: AdapterState) -> AdapterState:
+    """A client's cores as ordinary LoRA factors (for ``ideal_update``): s_i·B·R_i·A per layer."""
     frame = _frame(state)
-    return [{name: _lift(frame[name], core) for name, core in update.items()} for update in updates]
+    return {name: _lift(frame[name], core) for name, core in update.items()}
+
+
+def data_free_state(adapter: AdapterState, extras: dict) -> GlobalState:
+    """Round 0 without the clients' gradients: a random orthonormal frame per layer drawn from
+    (``extras["seed"]``, layer) at the shapes and rank of ``adapter`` (the server model's rank-r_max
+    LoRA, whose scale the frame takes), and R₀ = 0."""
+    seed = int(extras.get("seed", 0))
+    frame = {name: data_free_frame(f.B.shape[0], f.A.shape[1], f.rank, generator=layer_generator(seed, name))
+             for name, f in adapter.items()}
+    return initial_state(frame, next(iter(adapter.values())).scale, **extras)
 
 
 class FedSBAccumulator:
@@ -145,13 +153,6 @@ class FedSBAccumulator:
             s_g = self._top[name][1]
             out[name] = LoraFactors(s / (self.total_weight * s_g), torch.eye(s.shape[0], dtype=torch.float64), s_g)
         return out
-
-
-def aggregate(
-    state: GlobalState, updates: Sequence[AdapterState], weights: Sequence[float]
-) -> GlobalState:
-    """Average this round's cores; fold R̄ outside the floor rank's block into ``base_terms``."""
-    return finish(state, stream_all(accumulator(state), updates, weights))
 
 
 def accumulator(state: GlobalState) -> FedSBAccumulator:
@@ -213,3 +214,19 @@ def slice_for_rank(
         block = R[:rank, :rank] if s == core.scale else (R[:rank, :rank].double() * (core.scale / s)).float()
         out[name] = LoraFactors(block.clone(), torch.eye(rank), s)
     return out
+
+
+METHOD = Method(
+    name="fedsb",
+    paper="Singhal, Ponkshe, Vartak & Vepakomma, 2025, arXiv:2502.15436",
+    exact=True,  # s_g·B·R̄·A = Σ p_i·s_i·B·R_i·A for any cores
+    mixed_ranks=True,  # nested frames: a rank-r client trains the top-left r×r block of R
+    adapter_kind="sb",
+    parts=("R",),
+    client_dp=ClientDP(clipped=("A",)),  # an SB client's state is the core LoraFactors(A=R, B=I)
+    weighted_sum=True,
+    aggregation=Streaming(accumulator, finish),
+    initial_state=data_free_state,
+    slice_for_rank=slice_for_rank,
+    lift=lift_update,
+)

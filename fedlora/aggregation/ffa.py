@@ -29,12 +29,8 @@ import torch
 
 from fedlora.adapters.state import AdapterState, LoraFactors
 from fedlora.aggregation import padding
-from fedlora.aggregation.common import AggregationError, GlobalState, stream_all
-
-EXACT = True
-"""s_g·B̄·A₀ equals Σ p_i·s_i·B_i·A₀ for any client updates."""
-MIXED_RANKS = True
-"""Rank-r_i clients train the first r_i columns of B against the shared rank-r_max A₀."""
+from fedlora.aggregation.common import AggregationError, GlobalState
+from fedlora.aggregation.method import ClientDP, Method, Streaming
 
 
 class FFAAccumulator:
@@ -106,14 +102,6 @@ class FFAAccumulator:
         return out
 
 
-def aggregate(
-    state: GlobalState, updates: Sequence[AdapterState], weights: Sequence[float]
-) -> GlobalState:
-    """Average B over clients against the shared A (taken from ``state.adapter`` when it has one);
-    fold the columns above the floor rank into ``base_terms`` when ranks are mixed."""
-    return finish(state, stream_all(accumulator(state), updates, weights))
-
-
 def accumulator(state: GlobalState) -> FFAAccumulator:
     """An empty accumulator for the round that starts from ``state`` (streaming glue: ``add`` each
     reply as it arrives, then :func:`finish`)."""
@@ -153,3 +141,17 @@ def slice_for_rank(
             f, rank, padding.resolve_scale(state, f, rank, scale), layer=name, truncate=truncate
         )
     return out
+
+
+METHOD = Method(
+    name="ffa",
+    paper="Sun, Li, Li & Ding, ICLR 2024, arXiv:2403.12313",
+    exact=True,  # s_g·B̄·A₀ = Σ p_i·s_i·B_i·A₀ for any updates
+    mixed_ranks=True,  # rank-r_i clients train the first r_i columns of B against the shared A₀
+    adapter_kind="frozen_a",
+    parts=("B",),
+    client_dp=ClientDP(clipped=("B",)),  # the shared A is public and checked unchanged
+    weighted_sum=True,
+    aggregation=Streaming(accumulator, finish),
+    slice_for_rank=slice_for_rank,
+)

@@ -31,11 +31,7 @@ from fedlora.adapters.lora import layer_generator
 from fedlora.adapters.state import AdapterState, LoraFactors
 from fedlora.aggregation import padding
 from fedlora.aggregation.common import AggregationError, GlobalState, normalize_weights
-
-EXACT = True
-"""The merged stack equals Σ p_i·s_i·B_i·A_i for any client updates and ranks."""
-MIXED_RANKS = True
-"""Stacking takes any ranks natively."""
+from fedlora.aggregation.method import Buffered, ClientDP, Method
 
 
 def stack_layer(factors: Sequence[LoraFactors], p: Sequence[float]) -> padding.BaseTerm:
@@ -79,3 +75,18 @@ def slice_for_rank(
     if rank < 1:
         raise AggregationError(f"rank {rank} must be positive")
     return padding.slice_for_rank(state, rank, scale=scale, truncate=True)
+
+
+METHOD = Method(
+    name="flora",
+    paper="Wang, Shen, He, Sun, Wang, Lyu & Li, NeurIPS 2024, arXiv:2409.05976",
+    exact=True,  # the merged stack equals Σ p_i·s_i·B_i·A_i for any updates and ranks
+    mixed_ranks=True,  # stacking takes any ranks natively
+    adapter_kind="lora",
+    parts=("A", "B"),
+    client_dp=ClientDP(refused="FLoRA stacks every client's B_i and A_i: " + "it needs every client's individual factors (their products B_i·A_i), which the clipped-and-noised mean does not release; on the privatised mean alone it would silently degenerate" + " to one noised update"),
+    weighted_sum=False,  # the stack keeps each client's factors apart
+    aggregation=Buffered(aggregate, why="the stack [B_1 … B_n]·[p_1·s_1·A_1; …] holds every client's factors "
+                         "of a layer by construction"),
+    slice_for_rank=slice_for_rank,
+)

@@ -25,12 +25,8 @@ import torch
 
 from fedlora.adapters.state import AdapterState, LoraFactors
 from fedlora.aggregation import padding
-from fedlora.aggregation.common import AggregationError, GlobalState, stream_all
-
-EXACT = False
-"""Norm-weighted averages of the factors do not reproduce Σ p_i·s_i·B_i·A_i."""
-MIXED_RANKS = True
-"""Zero-padding to r_max, truncation back to each client's rank."""
+from fedlora.aggregation.common import AggregationError, GlobalState
+from fedlora.aggregation.method import ClientDP, Method, Streaming
 
 _TINY = 1e-30
 """Added to every norm so a layer whose updates are all zero falls back to the data weights."""
@@ -85,13 +81,6 @@ class HetLoRAAccumulator:
         return out
 
 
-def aggregate(
-    state: GlobalState, updates: Sequence[AdapterState], weights: Sequence[float]
-) -> GlobalState:
-    """Norm-weighted zero-padded average; the base is untouched."""
-    return finish(state, stream_all(accumulator(state), updates, weights))
-
-
 def accumulator(state: GlobalState) -> HetLoRAAccumulator:
     """An empty accumulator for the round that starts from ``state`` (streaming glue: ``add`` each
     reply as it arrives, then :func:`finish`)."""
@@ -110,3 +99,18 @@ def slice_for_rank(
 ) -> AdapterState:
     """Truncation: the first ``rank`` rows of Ā and columns of B̄ (the dropped part is lost)."""
     return padding.slice_for_rank(state, rank, scale=scale, truncate=truncate)
+
+
+METHOD = Method(
+    name="hetlora",
+    paper="Cho, Liu, Xu, Fahrezi & Joshi, EMNLP 2024, arXiv:2401.06432",
+    exact=False,  # norm-weighted averages of the factors, then truncation
+    mixed_ranks=True,  # zero-padding to r_max, truncation back to each client's rank
+    adapter_kind="lora",
+    parts=("A", "B"),
+    client_dp=ClientDP(refused="HetLoRA weights clients by ‖B_i·A_i‖, data-dependent unequal weights, so one "
+                       "client's influence is unbounded and the sensitivity C/m does not hold"),
+    weighted_sum=False,  # the weights depend on each client's own update
+    aggregation=Streaming(accumulator, finish),
+    slice_for_rank=slice_for_rank,
+)

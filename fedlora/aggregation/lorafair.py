@@ -37,12 +37,8 @@ import torch
 from fedlora.adapters.lora import layer_generator
 from fedlora.adapters.state import AdapterState, LoraFactors
 from fedlora.aggregation import padding
-from fedlora.aggregation.common import AggregationError, GlobalState, check_same_layout, stream_all
-
-EXACT = False
-"""The corrected product stays in Ā's row space; the error is reported, not hidden."""
-MIXED_RANKS = False
-"""Equal ranks only (the paper's setting)."""
+from fedlora.aggregation.common import AggregationError, GlobalState, check_same_layout, normalize_weights
+from fedlora.aggregation.method import ClientDP, Method, Streaming
 
 DEFAULT_LAMBDA = 0.01
 DEFAULT_STEPS = 20
@@ -199,7 +195,9 @@ def aggregate(
 ) -> GlobalState:
     """FedAvg + correction of B; the base is untouched. Options default to ``state.extras``
     (``lorafair_method``, ``lorafair_lambda``, ``lorafair_sketch_rank``), else gradient, 0.01, dense."""
-    acc = stream_all(accumulator(state, sketch_rank=sketch_rank), updates, weights)
+    acc = accumulator(state, sketch_rank=sketch_rank)
+    for update, p in zip(updates, normalize_weights(weights), strict=True):
+        acc.add(update, p)
     return finish(state, acc, method=method, lam=lam, steps=steps)
 
 
@@ -230,4 +228,17 @@ def finish(
     )
 
 
-slice_for_rank = padding.slice_for_rank
+
+METHOD = Method(
+    name="lorafair",
+    paper="Bian, Wang, Zhang & Xu, ICCV 2025, arXiv:2411.14961",
+    exact=False,  # the corrected product stays in Ā's row space
+    mixed_ranks=False,  # the paper's setting
+    adapter_kind="lora",
+    parts=("A", "B"),
+    client_dp=ClientDP(refused="LoRA-FAIR corrects B̄ towards T = Σ p_i·s_i·B_i·A_i: " + "it needs every client's individual factors (their products B_i·A_i), which the clipped-and-noised mean does not release; on the privatised mean alone it would silently degenerate"
+                       + " (its correction is then exactly zero, i.e. FedAvg)"),
+    weighted_sum=False,  # T is a sum of products B_i·A_i, not of what clients send
+    aggregation=Streaming(accumulator, finish),
+    slice_for_rank=padding.slice_for_rank,
+)

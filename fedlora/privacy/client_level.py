@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import torch
 
 from fedlora.adapters.state import AdapterState, LoraFactors, layout_mismatch
+from fedlora.aggregation import METHODS
 from fedlora.config import DPConfig
 from fedlora.privacy.accounting import (
     AccountantState,
@@ -57,54 +58,42 @@ from fedlora.privacy.accounting import (
     privacy_spent,
 )
 
-TRAINED_FACTORS: dict[str, tuple[str, ...]] = {
-    "fedavg": ("A", "B"),
-    "ffa": ("B",),
-    "fedsb": ("A",),  # an SB client's state is the core LoraFactors(A=R, B=I)
-}
-"""Strategies client-level DP supports → the factors their clients train (the rest must not move)."""
-
-_INDIVIDUAL = (
-    "it needs every client's individual factors (their products B_i·A_i), which the clipped-and-"
-    "noised mean does not release; on the privatised mean alone it would silently degenerate"
-)
-REFUSED: dict[str, str] = {
-    "fedex": "FedEx-LoRA adds the residual Σ p_i·B_i·A_i − B̄·Ā: " + _INDIVIDUAL + " to FedAvg",
-    "flora": "FLoRA stacks every client's B_i and A_i: " + _INDIVIDUAL + " to one noised update",
-    "lorafair": "LoRA-FAIR corrects B̄ towards T = Σ p_i·s_i·B_i·A_i: " + _INDIVIDUAL
-    + " (its correction is then exactly zero, i.e. FedAvg)",
-    "hetlora": "HetLoRA weights clients by ‖B_i·A_i‖, data-dependent unequal weights, so one client's "
-    "influence is unbounded and the sensitivity C/m does not hold",
-}
-"""Strategies refused under client-level DP (and under secure aggregation), with the reason."""
-
-
 class ClientLevelDPError(PrivacyConfigError):
     """Client-level DP cannot be combined with this strategy or these updates."""
 
 
+def supported_strategies() -> list[str]:
+    """Methods whose declaration admits client-level DP (``METHOD.client_dp.clipped``)."""
+    return sorted(name for name, m in METHODS.items() if m.client_dp.clipped)
+
+
 def check_client_level_strategy(strategy: str, *, secure_aggregation: bool = False) -> tuple[str, ...]:
-    """The factors ``strategy`` trains, or a :class:`ClientLevelDPError` saying why it is refused."""
-    if strategy in REFUSED:
+    """The factors client-level DP clips and noises for ``strategy`` (its declaration's
+    ``client_dp``), or a :class:`ClientLevelDPError` saying why it is refused."""
+    method = METHODS.get(strategy)
+    if method is None:
         raise ClientLevelDPError(
-            f"dp.mode=client cannot run with strategy.name={strategy}: {REFUSED[strategy]}. "
-            f"Use one of {sorted(TRAINED_FACTORS)} (ffa and fedsb keep the noise linear in the update)"
+            f"dp.mode=client does not know strategy.name={strategy!r}; supported: {supported_strategies()}"
         )
-    if strategy not in TRAINED_FACTORS:
+    if method.client_dp.refused:
         raise ClientLevelDPError(
-            f"dp.mode=client does not know strategy.name={strategy!r}; supported: {sorted(TRAINED_FACTORS)}"
+            f"dp.mode=client cannot run with strategy.name={strategy}: {method.client_dp.refused}. "
+            f"Use one of {supported_strategies()} (ffa and fedsb keep the noise linear in the update)"
         )
     if secure_aggregation:
         check_secure_aggregation(strategy)
-    return TRAINED_FACTORS[strategy]
+    return method.client_dp.clipped
 
 
 def check_secure_aggregation(strategy: str) -> None:
-    """Refuse strategies that need individual client factors under secure aggregation."""
-    if strategy in REFUSED:
+    """Refuse methods whose aggregate is not a weighted sum of exactly what clients send
+    (``METHOD.weighted_sum``): under secure aggregation the server learns only that sum."""
+    method = METHODS[strategy]
+    if not method.weighted_sum:
+        why = method.client_dp.refused or "it needs more than the sum of the updates"
         raise ClientLevelDPError(
             f"strategy.name={strategy} cannot run under secure aggregation: the server only learns the "
-            f"sum of the updates, but {REFUSED[strategy]}"
+            f"sum of the updates, but {why}"
         )
 
 
