@@ -8,7 +8,7 @@ Each configuration runs in its own subprocess so its peak memory is its own: CUD
 token, backward, AdamW update of the LoRA factors (r = 16 on q/k/v/o/gate/up/down).
 
 * ``fedlora:<fmt>`` — fedlora's model: ``quantize_model`` (fused Triton kernels on CUDA, the torch
-  reference on CPU) + ``LoRALinear`` + the chunked cross-entropy of ``fedlora.loss``.
+  reference on CPU) + ``LoRALinear`` + the chunked cross-entropy of ``fedlora.training.loss``.
 * ``hf-qlora`` — ``AutoModelForCausalLM`` with ``BitsAndBytesConfig`` (NF4, double quant, bf16
   compute) + ``peft.get_peft_model``; logits and loss by transformers. Needs CUDA + bitsandbytes.
 
@@ -51,7 +51,7 @@ def _one_b_config():
 def _fedlora_model(model: str, fmt: str, rank: int, device: str, dtype: torch.dtype):
     from fedlora.adapters import LoRALinear, inject_adapters
     from fedlora.config import AdapterConfig, QuantConfig
-    from fedlora.models import load_model
+    from fedlora.model.loading import load_model
     from fedlora.quant import quantize_model
 
     if model == "gemma":
@@ -75,7 +75,7 @@ def _hf_qlora_model(model: str, rank: int, device: str):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     if model == "gemma":
-        from fedlora.models import default_cache_dir, gguf_cache_path
+        from fedlora.model.loading import default_cache_dir, gguf_cache_path
 
         cfg = _gemma_cfg()
         path = gguf_cache_path(Path(importlib.import_module(cfg.gguf_package).assemble()), default_cache_dir(cfg))
@@ -112,7 +112,7 @@ def run_one(spec: dict) -> dict:
         if spec["impl"] == "hf-qlora":
             loss = model(**batch).loss
         else:
-            from fedlora.loss import response_loss
+            from fedlora.training.loss import response_loss
 
             summed, n = response_loss(model, batch)
             loss = summed / n

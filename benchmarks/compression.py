@@ -7,14 +7,14 @@ Shapes (d_out × d_in) per transformer layer: q 1024×640, k 256×640, v 256×64
 gate/up 2048×640, down 640×2048; 18 layers, 126 adapted modules, rank 8, scale alpha/r = 2.
 
 Bytes: each scheme actually compresses random factors (A ~ N(0, 1/d_in), B ~ N(0, 0.01²), a
-trained-looking B) and reports the payload (``fedlora.compression.nbytes``: data + int8 scales),
+trained-looking B) and reports the payload (``fedlora.protocol.compression.nbytes``: data + int8 scales),
 the formula, and the serialised ``fedlora.v1.Adapter`` message (what ``fedlora serve`` streams).
 
 agg_error: 4 clients with weights 1:2:3:4 that started from one global adapter and drifted apart
 (per-client noise on A and B). For FedAvg (inexact) and FedEx-LoRA (exact) the round is
 aggregated from exact updates and from compressed ones (uplink), and with the new global adapter
 compressed too (uplink + downlink), always against ΔW* of the exact updates
-(``fedlora.compression.agg_error_effect``). The dense float64 ΔW* of all 18 layers is 0.8 GB;
+(``fedlora.protocol.compression.agg_error_effect``). The dense float64 ΔW* of all 18 layers is 0.8 GB;
 ``--agg-layers k`` uses the first k layers (all seven shapes each) for a quick run — the layers are
 i.i.d., so the ratio barely moves (2 layers: int8 FedEx 6.47e-3 vs 6.46e-3 on 18).
 
@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from fedlora.adapters.state import AdapterState, LoraFactors, state_nbytes  # noqa: E402
 from fedlora.aggregation import fedavg, fedex  # noqa: E402
 from fedlora.aggregation.common import GlobalState  # noqa: E402
-from fedlora.compression import (  # noqa: E402
+from fedlora.protocol.compression import (  # noqa: E402
     SCHEMES,
     agg_error_effect,
     compress_state,
@@ -47,7 +47,7 @@ from fedlora.compression import (  # noqa: E402
     relative_error,
     roundtrip,
 )
-from fedlora.proto_io import serialize_adapter, state_to_adapter  # noqa: E402
+from fedlora.protocol.proto_io import serialize_adapter, state_to_adapter  # noqa: E402
 
 LAYER = [  # (module, d_out, d_in)
     ("self_attn.q_proj", 1024, 640),
@@ -118,7 +118,7 @@ def render(bytes_rows: list[dict], agg_rows: list[dict], agg_layers: int, argv: 
         f"- Adapter: {LAYERS} layers × (q 1024×640, k 256×640, v 256×640, o 640×1024, gate/up 2048×640, "
         f"down 640×2048), {LAYERS * len(LAYER)} modules, rank {RANK}: {numel:,} factor elements.",
         "- Random factors A ~ N(0, 1/d_in), B ~ N(0, 0.01²); every number below is measured by compressing them "
-        "(`fedlora.compression`), not computed from the formula (the formula column is there to check against).",
+        "(`fedlora.protocol.compression`), not computed from the formula (the formula column is there to check against).",
         "- int8: one fp32 absmax scale per rank component (rows of A, columns of B), i.e. numel + 4·r bytes "
         "per factor.",
         "- message = the serialised `fedlora.v1.Adapter` (names, shapes, scales, protobuf framing included), "

@@ -21,10 +21,10 @@ import torch
 
 from fedlora.adapters import LoRALinear, inject_adapters
 from fedlora.config import AdapterConfig, DatasetConfig, FedloraConfig, ModelConfig, QuantConfig
-from fedlora.evaluation import evaluate_loss
-from fedlora.models import load_model
+from fedlora.training.evaluation import evaluate_loss
+from fedlora.model.loading import load_model
 from fedlora.quant import quantize_model
-from fedlora.workspace import load_splits, tokenize
+from fedlora.data.splits import load_splits, tokenize
 
 ROWS = [
     ("fp32", "none", "none"),

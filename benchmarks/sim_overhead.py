@@ -109,7 +109,7 @@ class PeakSampler(threading.Thread):
 def simulate(overrides: list[str], run_dir: Path) -> dict:
     """Run ``fedlora simulate`` in a subprocess; returns its metrics rows, wall time and memory peak."""
     env = dict(os.environ, RAY_DEDUP_LOGS="0", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "fedlora.cli", "simulate", *overrides, f"hydra.run.dir={run_dir}"]
+    cmd = [sys.executable, "-m", "fedlora.commands.cli", "simulate", *overrides, f"hydra.run.dir={run_dir}"]
     started, cpu = time.perf_counter(), _children_cpu()
     proc = subprocess.Popen(cmd, cwd=run_dir.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     sampler = PeakSampler(proc.pid)

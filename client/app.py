@@ -16,10 +16,10 @@ from flwr.clientapp import ClientApp
 
 from fedlora.adapters import get_adapter_state, set_adapter_state
 from fedlora.adapters.sb import set_sb_frame
-from fedlora.base_terms import apply_base_terms
+from fedlora.adapters.base_terms import apply_base_terms
 from fedlora.config import FedloraConfig, NodeSettings, config_from_run_config, node_settings
-from fedlora.evaluation import evaluate_loss
-from fedlora.messages import (
+from fedlora.training.evaluation import evaluate_loss
+from fedlora.protocol.messages import (
     CONFIG,
     FRAME,
     PRIVACY,
@@ -30,9 +30,10 @@ from fedlora.messages import (
     to_array_record,
 )
 from fedlora.privacy import STATE_KEY, example_entry, persist_client_state, restore_client_state, train_local_dp
-from fedlora.fedsb_init import client_projection, client_range_sketch, draw_sketch
-from fedlora.training import dense_gradients, train_local
-from fedlora.workspace import build_model, client_examples, client_split
+from fedlora.aggregation.fedsb_init import client_projection, client_range_sketch, draw_sketch
+from fedlora.training.local import dense_gradients, train_local
+from fedlora.data.splits import client_examples, client_split
+from fedlora.model.build import build_model
 
 
 def _config(context: Context, cfg: FedloraConfig | None) -> tuple[FedloraConfig, NodeSettings]:

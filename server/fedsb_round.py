@@ -1,4 +1,4 @@
-"""Fed-SB's federated initialisation as two Flower query rounds (the math: fedlora/fedsb_init.py).
+"""Fed-SB's federated initialisation as two Flower query rounds (the math: fedlora/aggregation/fedsb_init.py).
 
 Pass 1: every node gets the sketch seed and width and returns Y_i = G_i·Ω per layer. Pass 2: the
 server sends Q = orth(Σ p_i·Y_i) and every node returns Z_i = Qᵀ·G_i; the server's SVD of
@@ -15,8 +15,8 @@ from flwr.serverapp import Grid
 
 from fedlora.adapters.state import LoraFactors
 from fedlora.aggregation import GlobalState, fedsb
-from fedlora.fedsb_init import server_factors, server_range_basis
-from fedlora.messages import CONFIG, content_bytes, from_array_record, to_array_record
+from fedlora.aggregation.fedsb_init import server_factors, server_range_basis
+from fedlora.protocol.messages import CONFIG, content_bytes, from_array_record, to_array_record
 from fedlora_server.transport import stream_replies
 from fedlora_server.strategy import LoraStrategy, NodeInfo
 

@@ -22,8 +22,8 @@ from flwr.serverapp import Grid
 from fedlora.adapters import get_adapter_state, set_adapter_state
 from fedlora.adapters.state import AdapterState
 from fedlora.aggregation import GlobalState, RoundAggregate, aggregation_error, check_ranks, round_update
-from fedlora.base_terms import apply_base_terms
-from fedlora.checkpoint import (
+from fedlora.adapters.base_terms import apply_base_terms
+from fedlora.rundir.checkpoint import (
     Checkpoint,
     CheckpointError,
     capture_rng,
@@ -35,9 +35,9 @@ from fedlora.checkpoint import (
     write_metrics,
 )
 from fedlora.config import ConfigError, FedloraConfig, config_to_dict
-from fedlora.data import format_example
-from fedlora.evaluation import evaluate_loss, gsm8k_accuracy
-from fedlora.messages import CONFIG, METRICS, PRIVACY, content_bytes, train_content
+from fedlora.data.records import format_example
+from fedlora.training.evaluation import evaluate_loss, gsm8k_accuracy
+from fedlora.protocol.messages import CONFIG, METRICS, PRIVACY, content_bytes, train_content
 from fedlora.privacy import (
     AccountantState,
     account_round,
@@ -54,11 +54,12 @@ from fedlora.privacy import (
     worst_epsilon,
     write_privacy_report,
 )
-from fedlora.partition import format_partition_stats, partition_dataset, partition_stats, save_partition_stats
-from fedlora.peft_export import export_state, save_peft_adapter
-from fedlora.proto_io import write_global_adapter
-from fedlora.reporting import RunWriter, manifest, write_report
-from fedlora.workspace import build_model, load_splits, tokenize
+from fedlora.data.partition import format_partition_stats, partition_dataset, partition_stats, save_partition_stats
+from fedlora.model.peft_export import export_state, save_peft_adapter
+from fedlora.protocol.proto_io import write_global_adapter
+from fedlora.rundir.writer import RunWriter, manifest, write_report
+from fedlora.data.splits import load_splits, tokenize
+from fedlora.model.build import build_model
 from fedlora_server.fedsb_round import federated_sb_init
 from fedlora_server.strategy import IdealAccumulator, LoraStrategy, NodeInfo, make_strategy, short_error
 from fedlora_server.transport import stream_replies

@@ -20,7 +20,7 @@ from fedlora.adapters.state import AdapterState, arrays_to_state, layout_mismatc
 from fedlora.aggregation import GlobalState, Method, RoundAggregate, resolve_method
 from fedlora.aggregation.common import AggregationError, normalize_weights
 from fedlora.config import FedloraConfig
-from fedlora.messages import METRICS, UPDATE, from_array_record
+from fedlora.protocol.messages import METRICS, UPDATE, from_array_record
 
 
 @dataclass

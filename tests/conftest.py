@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from fedlora.tiny import build_tiny_model, build_tiny_tokenizer
+from fedlora.model.tiny import build_tiny_model, build_tiny_tokenizer
 
 
 @pytest.fixture
@@ -25,7 +25,7 @@ def tiny_model(tokenizer):
 
 def _run_cli(*args: str, cwd) -> subprocess.CompletedProcess:
     env = dict(os.environ, RAY_DEDUP_LOGS="0", TOKENIZERS_PARALLELISM="false")
-    return subprocess.run([sys.executable, "-m", "fedlora.cli", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "fedlora.commands.cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=900)
 
 

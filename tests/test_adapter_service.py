@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedlora.adapter_service import (
+from fedlora.commands.serve import (
     TLSFiles,
     assemble_chunks,
     connect,
@@ -29,11 +29,11 @@ from fedlora.adapter_service import (
 )
 from fedlora.adapters import LoraFactors
 from fedlora.aggregation import GlobalState
-from fedlora.compression import roundtrip
+from fedlora.protocol.compression import roundtrip
 from fedlora.config import AdapterConfig
-from fedlora.peft_export import export_state, save_peft_adapter
+from fedlora.model.peft_export import export_state, save_peft_adapter
 from fedlora.proto.v1 import adapter_service_pb2, adapter_service_pb2_grpc
-from fedlora.proto_io import ProtoError, write_global_adapter
+from fedlora.protocol.proto_io import ProtoError, write_global_adapter
 
 ALPHA = 16.0
 ROWS = [

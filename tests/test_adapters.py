@@ -96,7 +96,7 @@ def test_rank_larger_than_layer_raises_naming_the_module(tiny_model):
 
 
 def test_state_round_trips_through_arrays_and_into_another_model(tokenizer):
-    from fedlora.tiny import build_tiny_model
+    from fedlora.model.tiny import build_tiny_model
 
     src, dst = build_tiny_model(len(tokenizer)), build_tiny_model(len(tokenizer))
     for m in (src, dst):
@@ -110,7 +110,7 @@ def test_state_round_trips_through_arrays_and_into_another_model(tokenizer):
 
 
 def test_loading_a_state_of_another_rank_is_refused(tiny_model, tokenizer):
-    from fedlora.tiny import build_tiny_model
+    from fedlora.model.tiny import build_tiny_model
 
     other = build_tiny_model(len(tokenizer))
     inject_adapters(tiny_model, AdapterConfig(rank=4), LoRALinear)
@@ -137,7 +137,7 @@ def test_frozen_a_keeps_a_bit_identical_through_training_and_differs_across_laye
 
 
 def test_same_init_seed_gives_every_client_the_same_a(tokenizer):
-    from fedlora.tiny import build_tiny_model
+    from fedlora.model.tiny import build_tiny_model
 
     states = []
     for model_seed in (0, 1):  # different base weights, same adapter seed

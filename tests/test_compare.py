@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from conftest import TINY_SIM
-from fedlora.compare import CompareError, compare, compare_main, pareto_front
-from fedlora.reporting import human_bytes
+from fedlora.commands.compare import CompareError, compare, compare_main, pareto_front
+from fedlora.rundir.writer import human_bytes
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -9,7 +9,7 @@ import torch
 from fedlora.adapters import LoraFactors
 from fedlora.adapters.state import state_nbytes
 from fedlora.aggregation import GlobalState, fedex
-from fedlora.compression import (
+from fedlora.protocol.compression import (
     SCHEMES,
     CompressionError,
     agg_error_effect,

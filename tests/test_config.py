@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from fedlora.cli import conf_dir
+from fedlora.commands.cli import conf_dir
 from fedlora.config import ConfigError, FedloraConfig, config_from_dict, config_from_run_config, node_settings
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""fedlora.data: loading, the fixed split, templates, the loss mask, batching, GSM8K answers."""
+"""fedlora.data.records: loading, the fixed split, templates, the loss mask, batching, GSM8K answers."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from tokenizers import processors
 
 from fedlora.config import DatasetConfig
-from fedlora.data import (
+from fedlora.data.records import (
     IGNORE_INDEX,
     DataError,
     collate,
@@ -27,7 +27,7 @@ from fedlora.data import (
     tokenize_dataset,
     tokenize_example,
 )
-from fedlora.tiny import build_tiny_tokenizer
+from fedlora.model.tiny import build_tiny_tokenizer
 
 ROWS = [
     {"question": "What is 2+2?", "answer": "2+2=4\n#### 4", "n": 0},
@@ -311,7 +311,7 @@ def test_tokenize_dataset_matches_examples_and_counts_truncations(tokenizer, cap
     ds = datasets.Dataset.from_list(ROWS)
     cfg = DatasetConfig(max_length=40)
     # Execute
-    with caplog.at_level(logging.WARNING, logger="fedlora.data"):
+    with caplog.at_level(logging.WARNING, logger="fedlora.data.records"):
         examples = tokenize_dataset(ds, tokenizer, cfg)
     # Assert
     assert len(examples) == 4

@@ -6,7 +6,7 @@ as separate processes, each with its own auth key and node config (mixed LoRA ra
 2. a SuperNode with an unregistered key is refused;
 3. one SuperNode is killed during a round and the run completes with the other two.
 
-Certificates, keys and the federation entry come from :mod:`fedlora.deploy`. Every process
+Certificates, keys and the federation entry come from :mod:`fedlora.commands.deploy`. Every process
 started here (and what they start: SuperExec, ServerApp and ClientApp processes) is killed at the
 end of the module.
 """
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from fedlora.deploy import generate_certs, write_federation
+from fedlora.commands.deploy import generate_certs, write_federation
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

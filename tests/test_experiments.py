@@ -12,9 +12,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from fedlora.aggregation import METHODS
-from fedlora.cli import conf_dir, main
+from fedlora.commands.cli import conf_dir, main
 from fedlora.config import FedloraConfig, config_from_dict
-from fedlora.sweep import SweepError, check_job, sweep_jobs, sweep_note
+from fedlora.commands.sweep import SweepError, check_job, sweep_jobs, sweep_note
 
 EXPERIMENTS = sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml"))
 MIXED = sorted(name for name, method in METHODS.items() if method.mixed_ranks)

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedlora.checkpoint import load_checkpoint, round_dirs
+from fedlora.rundir.checkpoint import load_checkpoint, round_dirs
 
 HERE = Path(__file__).resolve()
 TINY = ["model=tiny", "dataset.max_length=64", "eval.max_examples=4", "train.local_steps=2",
@@ -110,9 +110,9 @@ def main(spec: dict) -> None:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from fedlora.cli import conf_dir
+    from fedlora.commands.cli import conf_dir
     from fedlora.config import config_from_dict
-    from fedlora.simulation import simulate
+    from fedlora.commands.simulate import simulate
 
     with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
         data = OmegaConf.to_container(compose(config_name="config", overrides=spec["overrides"]), resolve=True)

@@ -54,7 +54,7 @@ def test_more_iterations_do_not_lose_accuracy_at_2_bits():
 
 
 def test_quantize_model_with_loftq_starts_closer_to_the_dense_model(tiny_model, tokenizer):
-    from fedlora.tiny import build_tiny_model
+    from fedlora.model.tiny import build_tiny_model
 
     ids = torch.randint(4, 90, (2, 24), generator=torch.Generator().manual_seed(0))
     dense = tiny_model(ids).logits
@@ -77,7 +77,7 @@ def test_loftq_needs_the_adapters_first(tiny_model):
 
 
 def test_server_computes_loftq_once_and_clients_reproduce_its_model(tiny_model, tokenizer):
-    from fedlora.tiny import build_tiny_model
+    from fedlora.model.tiny import build_tiny_model
 
     # Prepare: the server's model with LoftQ
     cfg = QuantConfig(format="int3", group_size=32, init="loftq")

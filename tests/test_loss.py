@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedlora.data import collate, tokenize_example
-from fedlora.loss import response_loss
+from fedlora.data.records import collate, tokenize_example
+from fedlora.training.loss import response_loss
 from fedlora_kernels import linear_cross_entropy
 
 
@@ -55,7 +55,7 @@ def test_response_loss_counts_only_response_tokens(tiny_model, tokenizer):
 
 def test_eval_token_accuracy_equals_full_logit_argmax(tiny_model, tokenizer):
     # Prepare: three examples and the full logits of the model
-    from fedlora.evaluation import evaluate_loss
+    from fedlora.training.evaluation import evaluate_loss
 
     examples = [
         tokenize_example("Question: 2+2?\nAnswer: ", "4 #### 4", tokenizer, 64),

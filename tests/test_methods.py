@@ -24,7 +24,7 @@ from fedlora.adapters.state import LoraFactors
 from fedlora.aggregation import METHODS, GlobalState, Method, get_method, resolve_method
 from fedlora.aggregation.method import Buffered, ClientDP, Streaming
 from fedlora.config import ConfigError, FedloraConfig, config_from_dict
-from fedlora.messages import content_bytes, reply_content
+from fedlora.protocol.messages import content_bytes, reply_content
 from fedlora.privacy import check_client_level_strategy
 from fedlora.privacy.client_level import ClientLevelDPError
 from fedlora_server.loop import Round

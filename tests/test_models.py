@@ -1,4 +1,4 @@
-"""Tests for fedlora.models: the tiny model, device/dtype resolution, errors, and the GGUF cache.
+"""Tests for fedlora.model.loading: the tiny model, device/dtype resolution, errors, and the GGUF cache.
 
 The GGUF tests write a tiny Llama GGUF (16-dim, 2 layers, 259-token byte-level BPE vocabulary,
 no ``output.weight`` so the head is tied to the embedding) with ``gguf.GGUFWriter`` into tmp_path and
@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from fedlora import models
+from fedlora.model import loading as models
 from fedlora.config import ModelConfig
-from fedlora.models import ModelError, load_model, resolve_device, resolve_dtype
-from fedlora.tiny import SPECIAL_TOKENS
+from fedlora.model.loading import ModelError, load_model, resolve_device, resolve_dtype
+from fedlora.model.tiny import SPECIAL_TOKENS
 
 GSM8K_LIKE = "Natalia sold clips to 48 of her friends in April, and then half as many in May. #### 72"
 

@@ -1,4 +1,4 @@
-"""fedlora.partition: iid / dirichlet / natural splits through flwr-datasets, and their statistics."""
+"""fedlora.data.partition: iid / dirichlet / natural splits through flwr-datasets, and their statistics."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import datasets
 import pytest
 
 from fedlora.config import DatasetConfig
-from fedlora.data import DataError, load_records, split_train_eval
-from fedlora.partition import (
+from fedlora.data.records import DataError, load_records, split_train_eval
+from fedlora.data.partition import (
     format_partition_stats,
     partition_dataset,
     partition_stats,

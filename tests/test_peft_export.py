@@ -10,10 +10,10 @@ from peft import PeftModel
 
 from fedlora.adapters import LoRALinear, LoraFactors, get_adapter_state, inject_adapters, trainable_parameters
 from fedlora.aggregation import GlobalState
-from fedlora.base_terms import apply_base_terms
+from fedlora.adapters.base_terms import apply_base_terms
 from fedlora.config import AdapterConfig
-from fedlora.peft_export import export_state, save_peft_adapter
-from fedlora.tiny import build_tiny_model
+from fedlora.model.peft_export import export_state, save_peft_adapter
+from fedlora.model.tiny import build_tiny_model
 
 
 def _adapted(tokenizer, cfg: AdapterConfig):

@@ -10,7 +10,7 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 
 from fedlora.adapters import LoRALinear, inject_adapters
 from fedlora.config import AdapterConfig, DPConfig, FedloraConfig, TrainConfig
-from fedlora.data import tokenize_example
+from fedlora.data.records import tokenize_example
 from fedlora.privacy.accounting import PrivacyError, client_state_path, load_state, save_state
 from fedlora.privacy.client_level import account_round
 from fedlora.privacy.dp_training import train_local_dp
@@ -25,7 +25,7 @@ from fedlora.privacy.ledger import (
     worst_epsilon,
 )
 from fedlora.privacy.report import build_privacy_report, privacy_report_main, write_privacy_report
-from fedlora.tiny import build_tiny_model
+from fedlora.model.tiny import build_tiny_model
 
 
 def _opacus(history, delta):
@@ -40,7 +40,7 @@ def _opacus(history, delta):
 def dp_run(tmp_path_factory):
     """Two clients, two rounds, σ = 1, 2 steps a round: client 0 (N=6, q=0.5) reaches ε = 5.38 after
     round 1 and declines round 2 (would be 7.41 > 6.5); client 1 (N=12, q=0.25) trains both (ε = 4.87)."""
-    from fedlora.tiny import build_tiny_tokenizer
+    from fedlora.model.tiny import build_tiny_tokenizer
 
     run_dir = tmp_path_factory.mktemp("run")
     tokenizer = build_tiny_tokenizer()

@@ -9,7 +9,7 @@ import torch
 from fedlora.adapters import FrozenALoRALinear, LoRALinear, adapter_modules, get_adapter_state, inject_adapters
 from fedlora.adapters.sb import SBLinear
 from fedlora.config import AdapterConfig, DPConfig, QuantConfig, TrainConfig
-from fedlora.data import collate, tokenize_example
+from fedlora.data.records import collate, tokenize_example
 from fedlora.privacy.accounting import AccountantState, BudgetSpentError, PrivacyConfigError, epsilon_rdp
 from fedlora.privacy.dp_training import (
     clip_factors,
@@ -21,7 +21,7 @@ from fedlora.privacy.dp_training import (
 )
 from fedlora.privacy.grad_samplers import GradSampleCollector
 from fedlora.quant.linear import QuantLinear
-from fedlora.tiny import build_tiny_model
+from fedlora.model.tiny import build_tiny_model
 
 ADAPTERS = {"lora": LoRALinear, "frozen_a": FrozenALoRALinear, "sb": SBLinear}
 TOL = 1e-5

@@ -13,11 +13,11 @@ import torch
 from fedlora.adapters import LoraFactors
 from fedlora.aggregation import GlobalState
 from fedlora.aggregation.padding import DenseTerm
-from fedlora.compression import roundtrip
-from fedlora.peft_export import export_state
+from fedlora.protocol.compression import roundtrip
+from fedlora.model.peft_export import export_state
 from fedlora.proto import generate
 from fedlora.proto.v1 import adapter_pb2 as pb
-from fedlora.proto_io import (
+from fedlora.protocol.proto_io import (
     ProtoError,
     adapter_to_state,
     parse_adapter,

@@ -292,7 +292,7 @@ def test_training_step_over_a_quantized_model(tiny_model, order):
 
 
 def test_clients_load_the_servers_quantized_state(tiny_model, tokenizer):
-    from fedlora.tiny import build_tiny_model
+    from fedlora.model.tiny import build_tiny_model
 
     cfg = QuantConfig(format="nf4")
     quantize_model(tiny_model, cfg, TARGETS)

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 from test_fault_tolerance import TINY, run_faulty
 
-from fedlora.checkpoint import CheckpointError, load_checkpoint, prepare_resume, round_dirs
+from fedlora.rundir.checkpoint import CheckpointError, load_checkpoint, prepare_resume, round_dirs
 
 COMPARED = ("round", "clients", "rejected", "train_loss", "eval_loss", "eval_token_accuracy", "agg_error",
             "bytes_up", "bytes_down", "epsilon")
@@ -230,7 +230,7 @@ def test_resume_checks_rounds_budget_and_ledger(finished_run):
 def synthetic_checkpoint(tmp_path: Path, rnd: int = 1, **config):
     from fedlora.aggregation import fedsb
     from fedlora.aggregation.padding import DenseTerm
-    from fedlora.checkpoint import Checkpoint, capture_rng, save_checkpoint
+    from fedlora.rundir.checkpoint import Checkpoint, capture_rng, save_checkpoint
     import random
 
     gen = torch.Generator().manual_seed(0)
@@ -270,7 +270,7 @@ def test_an_edited_manifest_and_a_changed_dp_plan_are_refused(tmp_path):
 
 
 def test_a_shortened_privacy_ledger_is_refused(tmp_path):
-    from fedlora.checkpoint import Checkpoint, ledger_position, save_checkpoint
+    from fedlora.rundir.checkpoint import Checkpoint, ledger_position, save_checkpoint
 
     state, cfg = synthetic_checkpoint(tmp_path)
     (tmp_path / "privacy_ledger.jsonl").write_text('{"kind": "run"}\n{"kind": "example"}\n')

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedlora import fedsb_init
+from fedlora.aggregation import fedsb_init
 from fedlora.adapters import (
     LoraFactors,
     arrays_to_state,

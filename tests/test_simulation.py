@@ -10,7 +10,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from fedlora.tiny import build_tiny_model, build_tiny_tokenizer
+from fedlora.model.tiny import build_tiny_model, build_tiny_tokenizer
 
 TINY = ["model=tiny", "dataset.max_length=96", "eval.max_examples=16", "eval.client_eval=true",
         "train.local_steps=6", "train.lr=0.01", "train.batch_size=4"]

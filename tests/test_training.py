@@ -10,9 +10,9 @@ import torch
 
 from fedlora.adapters import LoRALinear, get_adapter_state, inject_adapters
 from fedlora.config import AdapterConfig, TrainConfig
-from fedlora.data import tokenize_example
-from fedlora.evaluation import evaluate_loss, gsm8k_accuracy
-from fedlora.training import lr_multiplier, train_local
+from fedlora.data.records import tokenize_example
+from fedlora.training.evaluation import evaluate_loss, gsm8k_accuracy
+from fedlora.training.local import lr_multiplier, train_local
 
 PROBLEMS = [("Question: 3+4?\nAnswer: ", "3+4=7\n#### 7"), ("Question: 9-5?\nAnswer: ", "9-5=4\n#### 4")]
 
@@ -50,7 +50,7 @@ def test_local_training_lowers_the_loss_and_touches_only_the_adapter(adapted, to
 
 
 def test_training_is_deterministic_for_a_seed(tokenizer):
-    from fedlora.tiny import build_tiny_model
+    from fedlora.model.tiny import build_tiny_model
 
     states = []
     for _ in range(2):

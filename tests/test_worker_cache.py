@@ -1,4 +1,4 @@
-"""The per-process worker cache (fedlora.workspace) is invisible: a client built from the cached base
+"""The per-process worker cache (fedlora.worker_cache) is invisible: a client built from the cached base
 gives the same numbers as one built from a fresh load, round after round, and nothing a client does
 to its model reaches the cache.
 
@@ -18,11 +18,13 @@ import torch
 from flwr.app import Context, Message, Metadata, MessageType, RecordDict
 
 from fedlora.adapters import adapter_modules, arrays_to_state, get_adapter_state
-from fedlora.base_terms import apply_base_terms
+from fedlora.adapters.base_terms import apply_base_terms
 from fedlora.adapters.state import LoraFactors
 from fedlora.config import config_from_dict
-from fedlora.messages import METRICS, UPDATE, from_array_record, train_content
-from fedlora.workspace import BASES, EXAMPLES, LRUCache, build_model, clear_worker_cache, client_examples, client_split
+from fedlora.protocol.messages import METRICS, UPDATE, from_array_record, train_content
+from fedlora.data.splits import client_examples, client_split
+from fedlora.model.build import build_model
+from fedlora.worker_cache import BASES, EXAMPLES, LRUCache, clear_worker_cache
 from fedlora_client.app import make_client_app
 from fedlora_server.strategy import make_strategy
 

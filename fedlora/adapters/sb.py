@@ -11,7 +11,7 @@ for Extreme Efficient Low-Rank Fine-Tuning", arXiv:2411.19557); the adapter of F
 
 B and A (the *frame*) are identical on every client: drawn from (seed, layer) with orthonormal
 columns/rows before an init round (:func:`data_free_frame`), then set to the top singular vectors
-of a gradient estimate by the federated init (:mod:`fedlora.fedsb_init`, :meth:`SBLinear.set_frame`).
+of a gradient estimate by the federated init (:mod:`fedlora.aggregation.fedsb_init`, :meth:`SBLinear.set_frame`).
 Only R trains, so only r² numbers per layer travel, whatever the layer's width.
 
 How it maps onto :class:`~fedlora.adapters.state.LoraFactors`: the adapter's ``lora_A`` *is* R

@@ -15,7 +15,7 @@ round t re-averages every earlier round, is the known trap of public code.
 State layout (the frame lives on the server, so a core is enough to reconstruct everything):
 
 - ``extras["sb_frame"][layer] = {"B": B, "A": A}`` — the fixed r_max frame, set once
-  (:func:`initial_state`, from :mod:`fedlora.fedsb_init` or a data-free draw);
+  (:func:`initial_state`, from :mod:`fedlora.aggregation.fedsb_init` or a data-free draw);
 - ``extras["sb_core"][layer] = LoraFactors(A=R̄, B=I, scale=s_g)`` — what clients start from
   (:func:`slice_for_rank` cuts it to a client's rank);
 - ``adapter[layer] = LoraFactors(A=frame A, B=frame B·R̄, scale=s_g)`` — the same update as an

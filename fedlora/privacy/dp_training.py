@@ -1,4 +1,4 @@
-"""Example-level DP-SGD on a client: the plain local loop of :mod:`fedlora.training`, made private.
+"""Example-level DP-SGD on a client: the plain local loop of :mod:`fedlora.training.local`, made private.
 
 Each optimiser step (Abadi et al., 2016, arXiv:1607.00133)::
 
@@ -36,7 +36,7 @@ from torch import nn
 
 from fedlora.adapters import trainable_parameters
 from fedlora.config import DPConfig, TrainConfig
-from fedlora.data import IGNORE_INDEX, collate
+from fedlora.data.records import IGNORE_INDEX, collate
 from fedlora.privacy.accounting import (
     AccountantState,
     BudgetSpentError,
@@ -46,7 +46,7 @@ from fedlora.privacy.accounting import (
 )
 from fedlora.privacy.budget import check_round_budget, require_affordable_start
 from fedlora.privacy.grad_samplers import AdapterTaps, GradSampleCollector, dense_sq_norms, dense_weighted_sum
-from fedlora.training import TrainResult, lr_multiplier, move
+from fedlora.training.local import TrainResult, lr_multiplier, move
 from fedlora_kernels import linear_cross_entropy
 
 NOISE_DTYPE = torch.float32
@@ -54,7 +54,7 @@ NOISE_DTYPE = torch.float32
 
 @dataclass
 class DPTrainResult(TrainResult):
-    """:class:`~fedlora.training.TrainResult` plus the round's privacy figures."""
+    """:class:`~fedlora.training.local.TrainResult` plus the round's privacy figures."""
 
     declined: bool = False
     reason: str = ""
@@ -104,7 +104,7 @@ def poisson_sample(num_examples: int, q: float, generator: torch.Generator) -> l
 def per_example_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """ℓ_i = mean token loss over example i's response tokens, shape (B,), and the token counts (B,).
 
-    Same objective as :func:`fedlora.loss.response_loss` (chunked CE on scored positions only),
+    Same objective as :func:`fedlora.training.loss.response_loss` (chunked CE on scored positions only),
     normalised per example instead of per batch.
     """
     hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, H)
@@ -353,7 +353,7 @@ def private_dense_gradient(
     dp_seed: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], DPTrainResult, AccountantState]:
     """A private estimate of the full-weight gradient ∂L/∂W (d_out, d_in) of every adapted layer,
-    for the Fed-SB initialisation (:mod:`fedlora.fedsb_init`), which touches private data too.
+    for the Fed-SB initialisation (:mod:`fedlora.aggregation.fedsb_init`), which touches private data too.
 
     Same mechanism as a DP-SGD step, on the dense weight gradients instead of the adapter's::
 

@@ -5,7 +5,7 @@
 Serves, read-only, for each run (protos/fedlora/v1/adapter_service.proto, docs/protos.md):
 
 - the latest global adapter: ``<run_dir>/global_adapter.pb`` (written after every round by
-  :func:`fedlora.proto_io.write_global_adapter`) if present, else the final PEFT export
+  :func:`fedlora.protocol.proto_io.write_global_adapter`) if present, else the final PEFT export
   ``<run_dir>/adapter/`` (``adapter_model.safetensors`` + ``adapter_config.json``). It is
   serialised as one ``fedlora.v1.Adapter`` and streamed in chunks (1 MiB by default) that each
   carry index/total and the SHA-256 of the whole; on request compressed (fp16/bf16/int8) and/or
@@ -39,9 +39,9 @@ import grpc
 from fedlora.adapters.lora import lora_scale
 from fedlora.adapters.state import AdapterState, LoraFactors
 from fedlora.aggregation.common import GlobalState
-from fedlora.compression import SCHEMES
+from fedlora.protocol.compression import SCHEMES
 from fedlora.proto.v1 import adapter_pb2, adapter_service_pb2, adapter_service_pb2_grpc, run_pb2
-from fedlora.proto_io import (
+from fedlora.protocol.proto_io import (
     GLOBAL_ADAPTER_FILE,
     ProtoError,
     adapter_to_state,
@@ -74,7 +74,7 @@ class RunError(Exception):
 
 
 def read_peft_adapter(directory: Path) -> tuple[AdapterState, dict[str, Any]]:
-    """A PEFT LoRA export (as :func:`fedlora.peft_export.save_peft_adapter` writes it) as an
+    """A PEFT LoRA export (as :func:`fedlora.model.peft_export.save_peft_adapter` writes it) as an
     adapter state, scales from ``lora_alpha``/``alpha_pattern``/``use_rslora`` and each layer's rank."""
     from safetensors.torch import load_file
 

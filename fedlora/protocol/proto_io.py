@@ -2,7 +2,7 @@
 
 - :class:`GlobalState` / :data:`AdapterState` ↔ ``Adapter``: every tensor is stored in its own
   dtype as little-endian bytes, so an fp32 adapter round-trips bit for bit (``compression="none"``);
-  with fp16/bf16/int8 (:mod:`fedlora.compression`) the layers' factors come back as fp32 of the
+  with fp16/bf16/int8 (:mod:`fedlora.protocol.compression`) the layers' factors come back as fp32 of the
   compressed values. Layer order, base terms (factored or dense) and extras are kept.
 - a ``metrics.jsonl`` row ↔ ``RoundSummary``;
 - ``privacy_report.json`` → ``PrivacyReport`` (key figures + the whole JSON).
@@ -27,8 +27,8 @@ import torch
 from fedlora.adapters.state import AdapterState, LoraFactors
 from fedlora.aggregation.common import GlobalState
 from fedlora.aggregation.padding import DenseTerm
-from fedlora.compression import CompressedTensor, check_scheme, compress_tensor, decompress_tensor
-from fedlora.peft_export import export_state
+from fedlora.protocol.compression import CompressedTensor, check_scheme, compress_tensor, decompress_tensor
+from fedlora.model.peft_export import export_state
 from fedlora.proto.v1 import adapter_pb2 as pb
 from fedlora.proto.v1 import run_pb2
 
@@ -234,7 +234,7 @@ def state_to_adapter(
     """The ``Adapter`` message of a global state (or a bare adapter state).
 
     ``merged``: one plain LoRA per layer equal to the whole update, base terms folded in
-    (:func:`fedlora.peft_export.export_state`; needs ``lora_alpha`` when there are base terms), and
+    (:func:`fedlora.model.peft_export.export_state`; needs ``lora_alpha`` when there are base terms), and
     no extras — what an inference server loads. ``compression`` applies to the layers' factors only.
     """
     if not isinstance(state, GlobalState):

@@ -3,7 +3,7 @@
 A source is one small function ``(cfg, dtype) -> (model, tokenizer) | None``; :data:`SOURCES` lists
 them in order and the first that answers wins (the dispatch style of PEFT's quantized backends):
 
-1. ``tiny``            — random 2-layer Llama from :mod:`fedlora.tiny` (tests, smoke runs);
+1. ``tiny``            — random 2-layer Llama from :mod:`fedlora.model.tiny` (tests, smoke runs);
 2. ``gguf_package``    — an installed package whose ``assemble()`` returns a ``.gguf`` path, then 3;
 3. a local ``.gguf``   — converted once to a plain safetensors model directory and cached;
 4. a local directory   — ``from_pretrained(path)``;
@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from fedlora.config import ModelConfig
-from fedlora.tiny import build_tiny_model, build_tiny_tokenizer
+from fedlora.model.tiny import build_tiny_model, build_tiny_tokenizer
 
 Loaded = tuple[PreTrainedModel, PreTrainedTokenizerBase]
 

@@ -17,8 +17,8 @@ from torch import nn
 
 from fedlora.adapters import trainable_parameters
 from fedlora.config import TrainConfig
-from fedlora.data import collate, iterate_batches
-from fedlora.loss import response_loss
+from fedlora.data.records import collate, iterate_batches
+from fedlora.training.loss import response_loss
 
 
 @dataclass

@@ -44,11 +44,11 @@ def simulate_main(argv: list[str]) -> None:
     from omegaconf import DictConfig, OmegaConf
 
     from fedlora.adapters import AdapterError
-    from fedlora.checkpoint import CheckpointError, resume_config
+    from fedlora.rundir.checkpoint import CheckpointError, resume_config
     from fedlora.config import ConfigError, config_from_dict
-    from fedlora.data import DataError
-    from fedlora.models import ModelError
-    from fedlora.simulation import simulate
+    from fedlora.data.records import DataError
+    from fedlora.model.loading import ModelError
+    from fedlora.commands.simulate import simulate
 
     @hydra.main(version_base=None, config_path=str(conf_dir()), config_name="config")
     def run(dcfg: DictConfig) -> None:
@@ -88,7 +88,7 @@ def resume_argv(argv: list[str]) -> list[str]:
 def multirun_check(argv: list[str]) -> None:
     """Before Hydra starts: expand a ``--multirun`` sweep and check every run (zero runs is an
     error); for a single run of a config that declares a sweep, say that ``--multirun`` runs it all."""
-    from fedlora.sweep import MULTIRUN_FLAGS, SweepError, check_multirun, sweep_note
+    from fedlora.commands.sweep import MULTIRUN_FLAGS, SweepError, check_multirun, sweep_note
 
     flags = [a for a in argv if a.startswith("-")]
     if any(f not in MULTIRUN_FLAGS for f in flags):  # --cfg, --info, --config-dir …: Hydra's business
@@ -120,15 +120,15 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"fedlora: privacy-report takes one RUN_DIR\n{USAGE}")
         privacy_report_main(rest[0])
     elif command == "compare":
-        from fedlora.compare import compare_main
+        from fedlora.commands.compare import compare_main
 
         compare_main(rest)
     elif command == "deploy":
-        from fedlora.deploy import deploy_main
+        from fedlora.commands.deploy import deploy_main
 
         deploy_main(rest)
     elif command == "serve":
-        from fedlora.adapter_service import serve_main
+        from fedlora.commands.serve import serve_main
 
         serve_main(rest)
     else:

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from fedlora.config import FedloraConfig, config_to_dict
-from fedlora.partition import partition_dataset
-from fedlora.workspace import load_splits
+from fedlora.data.partition import partition_dataset
+from fedlora.data.splits import load_splits
 
 
 def preflight(cfg: FedloraConfig) -> None:
@@ -19,7 +19,7 @@ def preflight(cfg: FedloraConfig) -> None:
 
     resolve_method(cfg)
     if cfg.resume:  # corrupt or incompatible: refused here, with the run directory untouched
-        from fedlora.checkpoint import prepare_resume
+        from fedlora.rundir.checkpoint import prepare_resume
 
         ckpt = prepare_resume(cfg.resume, config_to_dict(cfg))
         print(f"fedlora: resuming {cfg.resume} after round {ckpt.round} of {cfg.num_rounds}", flush=True)

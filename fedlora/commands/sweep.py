@@ -82,7 +82,7 @@ def check_job(cfg: FedloraConfig) -> None:
     data readable, partitions non-empty), without the datasets library's progress bars."""
     from datasets.utils import logging as ds_logging
 
-    from fedlora.simulation import preflight
+    from fedlora.commands.simulate import preflight
 
     shown = ds_logging.is_progress_bar_enabled()
     ds_logging.disable_progress_bar()
@@ -108,7 +108,7 @@ def check_multirun(config_dir: str | Path, config_name: str, argv: Sequence[str]
     from hydra.types import RunMode
 
     from fedlora.adapters import AdapterError
-    from fedlora.data import DataError
+    from fedlora.data.records import DataError
 
     arguments = [a for a in argv if a not in MULTIRUN_FLAGS]
     with initialize_config_dir(config_dir=str(config_dir), version_base=None):

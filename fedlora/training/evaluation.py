@@ -10,9 +10,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fedlora.data import collate, extract_gsm8k_answer
-from fedlora.loss import response_hits, scored_hidden
-from fedlora.training import move
+from fedlora.data.records import collate, extract_gsm8k_answer
+from fedlora.training.loss import response_hits, scored_hidden
+from fedlora.training.local import move
 from fedlora_kernels import linear_cross_entropy
 
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from fedlora.reporting import human_bytes
+from fedlora.rundir.writer import human_bytes
 
 METRICS = [  # (name, axis label, higher is better)
     ("loss", "final eval loss (lower is better)", False),
@@ -43,7 +43,7 @@ METRICS = [  # (name, axis label, higher is better)
 """What the Pareto fronts are drawn for; the accuracies only when every run reports them."""
 
 REQUIRED = ("config.yaml", "metrics.jsonl", "summary.json")
-"""What every finished run directory holds (see :mod:`fedlora.reporting`)."""
+"""What every finished run directory holds (see :mod:`fedlora.rundir.writer`)."""
 
 COLUMNS = ["run", "strategy", "ranks", "dp", "epsilon", "alpha", "rounds", "final_eval_loss", "token_accuracy",
            "gsm8k_accuracy", "total_bytes_up", "total_bytes_down", "wall_seconds", "overrides"]

@@ -19,7 +19,7 @@ The label column for ``dirichlet`` (and the statistics) is prepared first:
   quantile buckets (``pandas.qcut``) in a new column ``<partition_by>_bucket``; ties can merge
   buckets, so there may be fewer (GSM8K's ``answer_steps`` gives 3 buckets for 4). A numeric
   column with fewer values, or a text column of at most :data:`MAX_TEXT_LABELS` values, is used
-  as is. Free text (GSM8K's ``answer``) is refused with a :class:`~fedlora.data.DataError`.
+  as is. Free text (GSM8K's ``answer``) is refused with a :class:`~fedlora.data.records.DataError`.
 
 Derived and bucket columns stay in the returned partitions (training reads only the prompt and
 response fields), so :func:`partition_stats` can report per-client histograms. ``partition_by``
@@ -39,7 +39,7 @@ import pandas as pd
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner, Partitioner
 
 from fedlora.config import DatasetConfig
-from fedlora.data import DataError
+from fedlora.data.records import DataError
 
 ANSWER_STEPS = "answer_steps"
 """Derived ``partition_by`` column: number of non-empty lines in the response field."""
@@ -55,7 +55,7 @@ def partition_dataset(
 ) -> list[datasets.Dataset]:
     """Split ``ds`` into ``num_partitions`` client datasets as ``cfg.partitioner`` says.
 
-    Every returned partition is non-empty. Raises :class:`~fedlora.data.DataError` (before any
+    Every returned partition is non-empty. Raises :class:`~fedlora.data.records.DataError` (before any
     work) for too few rows, an unknown or unusable ``partition_by`` column, a ``natural`` value
     count that differs from ``num_partitions``, and a Dirichlet draw that keeps leaving a client
     too small.

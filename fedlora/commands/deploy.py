@@ -334,7 +334,7 @@ def check_node(node_config: str, app_dir: str | Path = ".", run_config: str = ""
     the node fail; returns a report with remaining problems (rank not accepted by the strategy,
     unavailable device) and notes."""
     from fedlora.config import config_from_run_config, node_settings
-    from fedlora.workspace import client_datasets
+    from fedlora.data.splits import client_datasets
 
     cfg = config_from_run_config(app_run_config(app_dir, run_config))
     parsed = _parse_kv(node_config, "node config")
@@ -384,7 +384,7 @@ fedlora deploy check-node 'partition-id=0 num-partitions=3 lora-rank=8 [data-pat
 
 def deploy_main(argv: list[str]) -> None:
     from fedlora.config import ConfigError
-    from fedlora.data import DataError
+    from fedlora.data.records import DataError
 
     parser = argparse.ArgumentParser(prog="fedlora deploy", description="deployment helpers", usage=USAGE)
     sub = parser.add_subparsers(dest="command", required=True)

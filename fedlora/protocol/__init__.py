@@ -1,0 +1,1 @@
+"""What travels: the Flower records the apps exchange, payload compression, and the fedlora.v1 protobuf mapping."""
