@@ -29,7 +29,7 @@ USAGE = __doc__
 
 def conf_dir() -> Path:
     """``simulations/conf`` of the fedlora source tree."""
-    path = Path(__file__).resolve().parents[1] / "simulations" / "conf"
+    path = Path(__file__).resolve().parents[2] / "simulations" / "conf"
     if not path.is_dir():
         raise SystemExit(
             f"fedlora: Hydra configs not found at {path}; install fedlora from its source tree "
