@@ -1,7 +1,7 @@
 """Compressed adapter payloads on a Gemma-3-270M-shaped rank-8 adapter: bytes and agg_error.
 
-    /work/venv/bin/python benchmarks/compression.py                 # all 18 layers: ~1.5 min, 2.6 GB RAM
-    /work/venv/bin/python benchmarks/compression.py --agg-layers 2  # agg_error on 2 layers: ~10 s
+    python benchmarks/compression.py                 # all 18 layers: ~1.5 min, 2.6 GB RAM
+    python benchmarks/compression.py --agg-layers 2  # agg_error on 2 layers: ~10 s
 
 Shapes (d_out × d_in) per transformer layer: q 1024×640, k 256×640, v 256×640, o 640×1024,
 gate/up 2048×640, down 640×2048; 18 layers, 126 adapted modules, rank 8, scale alpha/r = 2.

@@ -12,7 +12,7 @@ Per (layer shape, M, format), forward and forward+backward (dX, dA, dB), r = 16:
 * ``fedlora``           ``fedlora_kernels.quant_lora_linear``: fused Triton kernels on CUDA; on CPU
                         the torch reference (which *is* dequantise-then-matmul: no Triton on CPU)
 
-Timing follows KERNELS.md: warm-up, then the median of ≥ 100 runs timed with CUDA events with
+Timing: warm-up, then the median of ≥ 100 runs timed with CUDA events with
 the L2 cache flushed before each (GPU), or of ``--cpu-reps`` runs with ``perf_counter`` (CPU).
 Reported: µs, TFLOP/s, and on a known GPU the % of the roofline lower bound (max of FLOPs/peak and
 bytes/bandwidth, bytes = the weight as stored + activations). A baseline whose package is missing

@@ -84,7 +84,7 @@ class AdapterConfig:
 
 @dataclass
 class QuantConfig:
-    """The frozen base stored quantized (see ../shared/docs/KERNELS.md)."""
+    """The frozen base stored quantized (see docs/quantization.md)."""
 
     format: str = "none"
     """``none``, ``nf4`` (block 64, double-quantised absmax), ``int8`` (per output channel), or
@@ -116,7 +116,7 @@ class QuantConfig:
 
 @dataclass
 class DPConfig:
-    """Differential privacy (see ../shared/docs/PRIVACY.md)."""
+    """Differential privacy (see docs/privacy.md)."""
 
     mode: str = "none"
     """``none``; ``example`` (DP-SGD with Opacus on every client: each client's examples are the

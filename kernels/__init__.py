@@ -1,7 +1,7 @@
 """fedlora's compute kernels (installed as ``fedlora_kernels``).
 
 One file per op: a pure-torch reference that is the CPU path, and (where there is one) a Triton
-kernel that is dispatched on CUDA. See ``../shared/docs/KERNELS.md``. Triton itself is imported
+kernel that is dispatched on CUDA. See ``docs/quantization.md``. Triton itself is imported
 only when a kernel runs (``quant_lora_triton``), never by importing this package.
 """
 

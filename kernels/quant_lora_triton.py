@@ -32,7 +32,7 @@ an FMA: that keeps the decode bit-exact with the torch reference.
 Dispatch by M (:func:`fused_for`): the fused kernels are weight-bandwidth bound and win at small
 M; from ``FUSED_MAX_M`` tokens on the GEMM is compute bound and the decode (one layer, ≈ 10 µs for
 4096²) is cheaper than re-decoding W in every M tile, so W goes to a temporary in the activation
-dtype and cuBLAS runs the GEMM — what KERNELS.md allows (a temporary of at most one layer).
+dtype and cuBLAS runs the GEMM — never more than one layer's temporary, never a persistent copy of W.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Fused quantized-LoRA kernels vs the pure-torch reference: forward and every gradient, odd shapes.
 
 Without a GPU the Triton kernels run under the Triton interpreter on CPU (fp16/fp32 only: the
-interpreter's bf16 is wrong, KERNELS.md). Triton decides interpretation when a kernel is
+interpreter's bf16 is wrong, docs/quantization.md). Triton decides interpretation when a kernel is
 *decorated*, i.e. when ``fedlora_kernels.quant_lora_triton`` is first imported — so this module
 sets ``TRITON_INTERPRET=1`` before any test imports it (it does not matter that torch or
 transformers may already have imported ``triton`` itself). Nothing else in the suite imports the
@@ -31,7 +31,7 @@ gpu_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (bf16 is wrong 
 # The one tolerance table of the suite: relative Frobenius error ‖kernel − reference‖/‖reference‖
 # of the output and of each gradient, per activation dtype. fp32 runs the GEMMs in IEEE fp32; fp16
 # and bf16 round the decoded weight (as the reference does) and accumulate in fp32 — the budget
-# is the dtype's unit roundoff times a small factor, and KERNELS.md's 1e-2 for bf16.
+# is the dtype's unit roundoff times a small factor, and 1e-2 for bf16 (docs/quantization.md).
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 

@@ -34,7 +34,7 @@ TRAP = {"sigma": 0.8, "q": 0.02, "steps": 50, "rounds": 20, "delta": 1e-5}
 
 
 def test_golden_epsilon_rdp_and_prv():
-    # Prepare: PRIVACY.md's golden value
+    # Prepare: the golden value of docs/privacy.md
     history = [[1.1, 0.01, 10_000]]
     # Execute
     spent = privacy_spent(history, 1e-5)

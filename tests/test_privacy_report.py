@@ -87,7 +87,7 @@ def test_report_is_recomputed_from_the_recorded_history_with_opacus_alone(dp_run
     assert report["worst_client"]["client"] == "0" and report["worst_client"]["epsilon"] == c0["epsilon"]
     assert worst_epsilon(dp_run) == c0["epsilon"]
     assert [p["epsilon"] for p in c1["epsilon_by_round"]] == pytest.approx([3.870, 4.871], abs=1e-3)
-    # ... and the global items of PRIVACY.md
+    # ... and the run-wide items of the report (docs/privacy.md)
     assert report["consistent"] and report["sampling"]["poisson"] and report["noise_dtype"] == "float32"
     assert report["privacy_unit"] == "one training example" and "secure aggregation is off" in report["threat_model"]
     assert {"opacus", "torch", "flwr", "fedlora"} <= set(report["versions"]) and report["client_level"] is None

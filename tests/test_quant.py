@@ -39,7 +39,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize(
     "make, target, max_error",
     [
-        (lambda w: NF4Weight.quantize(w), 0.516, 0.10),  # KERNELS.md targets (bytes/param)
+        (lambda w: NF4Weight.quantize(w), 0.516, 0.10),  # docs/quantization.md targets (bytes/param)
         (lambda w: NF4Weight.quantize(w, double_quant=False), 0.5625, 0.10),
         (lambda w: IntKWeight.quantize(w, bits=4, group_size=128), 0.531, 0.11),
         (lambda w: IntKWeight.quantize(w, bits=3, group_size=64), 0.44, 0.20),

@@ -37,7 +37,7 @@ def check_same_layout(reference: AdapterState, update: AdapterState, who: str = 
 
 @dataclass
 class GlobalState:
-    """What the server holds between rounds, as an explicit value (HOUSE_STYLE §2).
+    """What the server holds between rounds: an explicit value, passed in and returned.
 
     ``adapter`` is what every client starts its next round from. ``base_terms`` are exact
     low-rank terms folded into the frozen base weight (FedEx-LoRA residuals, FLoRA stacks), kept

@@ -1,7 +1,7 @@
 """Rank bookkeeping shared by the rank-aware methods: zero-padding, slicing, folding, and the
 factored-or-dense form of an exact side term.
 
-Heterogeneous ranks (ALGORITHMS.md, "Heterogeneous client ranks"). A client of rank r_i is
+Heterogeneous ranks (docs/aggregation.md, "Mixed ranks"). A client of rank r_i is
 zero-padded to r_max (extra rows of A and columns of B are zero), which leaves B_i·A_i unchanged.
 Clients may also use different scales s_i = alpha/r_i, so every method folds s_i into the factor
 it averages and stores the global adapter with one scale s_g, the scale of the highest-rank client

@@ -1,5 +1,5 @@
-"""Differential privacy for federated LoRA (facts and traps: ../shared/docs/PRIVACY.md; usage and
-the client/server contract: docs/privacy.md).
+"""Differential privacy for federated LoRA (privacy model, traps, usage and the client/server
+contract: docs/privacy.md).
 
 - :mod:`~fedlora.privacy.accounting` — the accountant state (composition history), ε from Opacus'
   RDP/PRV accountants, δ defaults, σ calibration over the planned steps, persistence.

@@ -11,8 +11,8 @@ function of that list and δ::
 so :class:`AccountantState` stores the history and never an ε, and anyone can recompute every
 number with ``opacus.accountants.RDPAccountant`` / ``PRVAccountant`` alone.
 
-The trap this module exists to avoid (PRIVACY.md): a new accountant each round reports one round's
-ε. Here the state is passed in and returned (HOUSE_STYLE §2) — the client keeps it in Flower's
+The trap this module exists to avoid (docs/privacy.md): a new accountant each round reports one round's
+ε. Here the state is an explicit value, passed in and returned — the client keeps it in Flower's
 ``context.state`` and on disk (:func:`save_state` / :func:`load_state`) — so ε composes over every
 round a client took part in, across process restarts. With q = 0.02, σ = 0.8, 50 steps × 20
 rounds, δ = 1e-5 the cumulative RDP ε is 7.20; a per-round accountant would say 2.85.
@@ -224,7 +224,7 @@ def headline_epsilon(history: list[list[float]], delta: float, accountant: str =
 
 def default_delta(num_examples: int) -> float:
     """min(1e-5, 1/(10·N)): well below 1/N, so 'leak one record outright' is not allowed.
-    Never derived from the number of batches (PRIVACY.md)."""
+    Never derived from the number of batches (docs/privacy.md)."""
     if num_examples < 1:
         raise PrivacyConfigError("cannot choose δ for an empty dataset")
     return min(1e-5, 1.0 / (10 * num_examples))

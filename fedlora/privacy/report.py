@@ -10,7 +10,7 @@ Anyone can redo it from the JSON alone::
     acc = RDPAccountant(); acc.history = [tuple(h) for h in client["history"]]
     acc.get_privacy_spent(delta=client["delta"])        # == (client["epsilon_rdp"], client["best_alpha"])
 
-Contents follow ../shared/docs/PRIVACY.md: privacy unit and adjacency, threat model, per-client
+Contents (docs/privacy.md, "Report"): privacy unit and adjacency, threat model, per-client
 parameters and composition history, ε (RDP with α, PRV), δ, worst client, the client-level section,
 sampling, dtype, versions, declined rounds and a plain-language statement.
 """

@@ -1,7 +1,7 @@
 """Quantized frozen bases: NF4, int8, int4/3/2 weights, ``QuantLinear``, LoftQ, model conversion.
 
-See ``docs/quantization.md`` for the formats, bytes per parameter, the side-term policy and the
-quality table; ``../shared/docs/KERNELS.md`` for the targets.
+See ``docs/quantization.md`` for the formats, bytes per parameter, the side-term policy, the
+quality table and the storage and speed targets.
 """
 
 from fedlora.quant.formats import FORMATS, quantize_weight

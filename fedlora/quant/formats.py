@@ -1,6 +1,6 @@
 """The registry of quantized formats: ``quant.format`` → a function (fp32 weight, config) → packed.
 
-An explicit dict (HOUSE_STYLE §4). To add a format: a file with its ``QuantizedWeight`` dataclass
+An explicit dict, no import side effects. To add a format: a file with its ``QuantizedWeight`` dataclass
 (quantize / dequantize / tensors), an entry here, a ``_deq_tile`` branch in
 ``kernels/quant_lora_triton.py`` (or none: the torch reference then runs it), and tests.
 """

@@ -9,7 +9,7 @@ Alternate, starting from B·A = 0:
 so that deq(Q) + s·B·A ≈ W. The singular values are split evenly between the factors,
 B = U_r·√Σ_r/√s and A = √Σ_r·V_rᵀ/√s, which keeps ‖A‖ and ‖B‖ of the same size for training.
 With one iteration this is "quantize, then fit the residual"; more iterations let the codes move
-to where the adapter helps most. Gains are small at 4 bits and large at 2–3 bits (KERNELS.md).
+to where the adapter helps most. Gains are small at 4 bits and large at 2–3 bits (Li et al.).
 
 In a federation the server runs this once (:func:`fedlora.quant.quantize_model` with
 ``quant.init=loftq``) and ships Q and (A₀, B₀) to every client, so all start from the same model.
