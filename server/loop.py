@@ -15,53 +15,38 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedlora.adapters import get_adapter_state, set_adapter_state
+from fedlora.adapters.base_terms import apply_base_terms
 from fedlora.adapters.state import AdapterState
 from fedlora.aggregation import GlobalState, RoundAggregate, aggregation_error, check_ranks, round_update
-from fedlora.adapters.base_terms import apply_base_terms
+from fedlora.config import FedloraConfig, config_to_dict
+from fedlora.data.partition import format_partition_stats, save_partition_stats
+from fedlora.data.records import format_example
+from fedlora.data.splits import tokenize
+from fedlora.model.build import build_model
+from fedlora.model.peft_export import export_state, save_peft_adapter
+from fedlora.plan import RunPlan, plan_run
+from fedlora.privacy import ClientLevelDP, append_entry, run_entry, worst_epsilon, write_privacy_report
+from fedlora.protocol.messages import CONFIG, METRICS, PRIVACY, content_bytes, train_content
+from fedlora.protocol.proto_io import write_global_adapter
 from fedlora.rundir.checkpoint import (
     Checkpoint,
     CheckpointError,
     capture_rng,
     ledger_entries_since,
     ledger_position,
-    prepare_resume,
     restore_rng,
     save_checkpoint,
-    write_metrics,
 )
-from fedlora.config import ConfigError, FedloraConfig, config_to_dict
-from fedlora.data.records import format_example
-from fedlora.training.evaluation import evaluate_loss, gsm8k_accuracy
-from fedlora.protocol.messages import CONFIG, METRICS, PRIVACY, content_bytes, train_content
-from fedlora.privacy import (
-    AccountantState,
-    account_round,
-    append_entry,
-    check_client_level_strategy,
-    client_level_entry,
-    client_level_noise,
-    client_level_spent,
-    most_spent,
-    noise_generator,
-    privatize_round,
-    restore_client_level_state,
-    run_entry,
-    worst_epsilon,
-    write_privacy_report,
-)
-from fedlora.data.partition import format_partition_stats, partition_dataset, partition_stats, save_partition_stats
-from fedlora.model.peft_export import export_state, save_peft_adapter
-from fedlora.protocol.proto_io import write_global_adapter
 from fedlora.rundir.writer import RunWriter, manifest, write_report
-from fedlora.data.splits import load_splits, tokenize
-from fedlora.model.build import build_model
+from fedlora.training.evaluation import evaluate_loss, gsm8k_accuracy
 from fedlora_server.fedsb_round import federated_sb_init
-from fedlora_server.strategy import IdealAccumulator, LoraStrategy, NodeInfo, make_strategy, short_error
+from fedlora_server.strategy import IdealAccumulator, LoraStrategy, NodeInfo, short_error
 from fedlora_server.transport import stream_replies
 
 log = logging.getLogger("fedlora")
@@ -160,28 +145,6 @@ def round_messages(strategy: LoraStrategy, state: GlobalState, nodes: list[NodeI
     return messages
 
 
-@dataclass
-class ClientLevelDP:
-    """The server's client-level DP (DP-FedAvg) for a run: noise, δ and its accountant."""
-
-    noise_multiplier: float
-    delta: float
-    population: int
-    accountant: object = None
-
-    def release(self, strategy: LoraStrategy, state: GlobalState, start, updates, run_dir: Path, rnd: int, clip: float):
-        """Clip, average with equal weights, noise; account the release; record it in the ledger."""
-        rel = privatize_round(strategy.name, start, updates, [1.0] * len(updates), clip=clip,
-                              noise_multiplier=self.noise_multiplier, generator=noise_generator())
-        self.accountant = account_round(self.accountant, noise_multiplier=self.noise_multiplier, clients=len(updates),
-                                        population=self.population, delta=self.delta, round_index=rnd)
-        eps = client_level_spent(self.accountant).epsilon
-        append_entry(run_dir, client_level_entry(self.accountant, round_index=rnd, clip=clip, sampled=len(updates),
-                                                 aggregated=len(updates), population=self.population,
-                                                 noise_std=rel.noise_std, epsilon=eps))
-        return strategy.method.aggregate(state, [rel.update], [1.0])
-
-
 def record_privacy(reply: Message, run_dir: Path) -> str | None:
     """Append a reply's privacy ledger entry (also when the client declined or the reply is then
     rejected); returns why the reply must be rejected when the entry cannot be read (the client's
@@ -233,125 +196,178 @@ def run_round(grid: Grid, strategy: LoraStrategy, state: GlobalState, nodes: lis
         return out, None, None
     if client_dp:
         start = strategy.start_for(state, nodes[0].rank)
-        new_state = client_dp.release(strategy, state, start, out.held, run_dir, rnd, cfg.dp.max_grad_norm)
+        new_state = client_dp.release(strategy.method, state, start, out.held, run_dir, rnd, cfg.dp.max_grad_norm)
         out.held.clear()
     else:
         new_state = out.aggregate.finish()
     return out, new_state, aggregation_error(round_update(state, new_state), out.ideal.result())
 
 
-def run_server(grid: Grid, cfg: FedloraConfig, run_dir: str | Path) -> dict:
-    """Run ``cfg.num_rounds`` rounds; returns the run directory and the per-round rows."""
-    strategy = make_strategy(cfg)  # bad strategy / rank mix fails before any loading
-    # A resume reads and checks its checkpoint before anything in the run directory is written.
-    resumed = prepare_resume(cfg.resume, config_to_dict(cfg)) if cfg.resume else None
+@dataclass
+class ServerRun:
+    """What the round loop carries from one round to the next (built by :func:`prepare`)."""
+
+    cfg: FedloraConfig
+    plan: RunPlan
+    strategy: LoraStrategy
+    writer: RunWriter
+    nodes: list[NodeInfo]
+    ranks: list[int]
+    client_dp: ClientLevelDP | None
+    model: Any
+    tokenizer: Any
+    eval_examples: list
+    state: GlobalState | None = None
+    init_cost: dict[str, int] = field(default_factory=dict)
+    rng: random.Random = field(default_factory=random.Random)
+    frame_sent: set[int] = field(default_factory=set)
+    """Nodes that have the Fed-SB frame (a resumed run's clients are fresh processes: none)."""
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """What the global adapter file records beside the adapter."""
+        return {"run": self.writer.dir.name, "strategy": self.strategy.name, "base_model": self.cfg.model.name_or_path,
+                "lora_alpha": self.cfg.adapter.alpha, "use_rslora": self.cfg.adapter.rslora}
+
+    def evaluate(self) -> dict[str, float]:
+        """The global adapter's held-out loss and token accuracy (the server's own evaluation)."""
+        result = evaluate_loss(self.model, self.eval_examples, batch_size=self.cfg.eval.batch_size,
+                               pad_id=self.tokenizer.pad_token_id, progress=True)
+        return {"eval_loss": result.loss, "eval_token_accuracy": result.token_accuracy}
+
+
+def run_server(grid: Grid, cfg: FedloraConfig, run_dir: str | Path, plan: RunPlan | None = None) -> dict:
+    """Run ``cfg.num_rounds`` rounds: :func:`prepare`, :func:`play_round` each round, :func:`finish`.
+    ``plan`` is the run's checked inputs when the caller has built them (``fedlora simulate``).
+    Returns the run directory and the per-round rows."""
+    run = prepare(grid, cfg, run_dir, plan)
+    for rnd in range(run.writer.rows[-1]["round"] + 1, cfg.num_rounds + 1):
+        play_round(grid, run, rnd)
+    return finish(run)
+
+
+def prepare(grid: Grid, cfg: FedloraConfig, run_dir: str | Path, plan: RunPlan | None = None) -> ServerRun:
+    """Everything before round 1: the plan (bad input fails before anything is written), the
+    connected nodes, client-level DP, the server's model, and the round-0 state — restored from the
+    checkpoint on a resume, else made (Fed-SB's federated init included) and evaluated."""
+    plan = plan or plan_run(cfg)
+    strategy = LoraStrategy(cfg, plan.method)
     writer = RunWriter(run_dir)
     print(f"fedlora: run directory {writer.dir}", flush=True)
-
-    # Everything that can fail on bad input happens before round 1.
-    train_ds, held_out = load_splits(cfg)
-    stats = partition_stats(partition_dataset(train_ds, cfg.dataset, cfg.num_clients), cfg.dataset)
-    print(format_partition_stats(stats), flush=True)
+    print(format_partition_stats(plan.partition_stats), flush=True)
     nodes = discover(grid, strategy, cfg.strategy.min_clients)
     ranks = sorted({n.rank for n in nodes})
-    if resumed and max(resumed.server["ranks"]) != max(ranks):
+    if plan.resumed and max(plan.resumed.server["ranks"]) != max(ranks):
         raise CheckpointError(
-            f"the checkpoint's global adapter has rank {max(resumed.server['ranks'])} (client ranks "
-            f"{resumed.server['ranks']}) but the connected clients have ranks {ranks}; connect the run's clients "
+            f"the checkpoint's global adapter has rank {max(plan.resumed.server['ranks'])} (client ranks "
+            f"{plan.resumed.server['ranks']}) but the connected clients have ranks {ranks}; connect the run's clients "
             "(lora-rank in each node config) or start a new run")
     writer.write_config(config_to_dict(cfg))
-    save_partition_stats(stats, writer.dir)
+    save_partition_stats(plan.partition_stats, writer.dir)
     client_dp = None
     if cfg.dp.mode != "none":
         append_entry(writer.dir, run_entry(cfg))
     if cfg.dp.mode == "client":
-        check_client_level_strategy(strategy.name)
-        if len(ranks) > 1:
-            raise ConfigError("dp.mode=client needs every client at the same rank (one clipping reference)")
-        z, delta = client_level_noise(cfg.dp, clients_per_round=strategy.num_to_sample(len(nodes)),
-                                      population=len(nodes), num_rounds=cfg.num_rounds)
-        client_dp = ClientLevelDP(z, delta, len(nodes))
+        client_dp = ClientLevelDP.for_run(cfg.dp, plan.method, ranks, clients_per_round=strategy.num_to_sample(len(nodes)),
+                                          population=len(nodes), num_rounds=cfg.num_rounds)
     print(f"fedlora: {len(nodes)} clients, ranks {ranks}, strategy {strategy.name} "
           f"({'exact' if strategy.exact else 'inexact: agg_error reports its real error'})", flush=True)
-    # The server's model holds the global update as plain LoRA at the largest client rank.
-    model, tokenizer = build_model(cfg, rank=max(ranks), kind="lora")
-    eval_examples = tokenize(held_out, tokenizer, cfg, limit=cfg.eval.max_examples)
-    pad_id = tokenizer.pad_token_id
-    device = next(model.parameters()).device
+    model, tokenizer = server_model(cfg, max(ranks))
+    eval_examples = tokenize(plan.held_out, tokenizer, cfg, limit=cfg.eval.max_examples)
+    run = ServerRun(cfg, plan, strategy, writer, nodes, ranks, client_dp, model, tokenizer, eval_examples,
+                    rng=random.Random(cfg.seed))
+    if plan.resumed:
+        restore_run(run, plan.resumed)
+    else:
+        start_run(grid, run)
+    return run
+
+
+def server_model(cfg: FedloraConfig, rank: int):
+    """The server's model (the global update as plain LoRA at the largest client rank) and tokenizer."""
+    model, tokenizer = build_model(cfg, rank=rank, kind="lora")
     quant = model.quant_report
-    print(f"fedlora: model on {device}, {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f} M "
-          "adapter parameters, "
+    print(f"fedlora: model on {next(model.parameters()).device}, "
+          f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f} M adapter parameters, "
           f"base {quant['base_bytes_after'] / 2**20:.1f} MiB" + (
               f" ({quant['format']}: {quant['bytes_per_param']:.3f} bytes/param on {quant['layers']} layers, "
               f"was {quant['base_bytes_before'] / 2**20:.1f} MiB)" if quant["layers"] else ""), flush=True)
+    return model, tokenizer
 
-    def server_eval() -> dict[str, float]:
-        result = evaluate_loss(model, eval_examples, batch_size=cfg.eval.batch_size, pad_id=pad_id, progress=True)
-        return {"eval_loss": result.loss, "eval_token_accuracy": result.token_accuracy}
 
-    meta = {"run": writer.dir.name, "strategy": strategy.name, "base_model": cfg.model.name_or_path,
-            "lora_alpha": cfg.adapter.alpha, "use_rslora": cfg.adapter.rslora}
-    rng = random.Random(cfg.seed)
-    frame_sent: set[int] = set()  # a resumed run's clients are fresh processes: each gets the Fed-SB frame again
-    if resumed:
-        state, init_cost = restore_run(resumed, model, writer, rng, client_dp, meta)
+def start_run(grid: Grid, run: ServerRun) -> None:
+    """Round 0 of a new run: the initial state (Fed-SB: from the clients' gradient sketches),
+    evaluated, recorded and checkpointed."""
+    cfg, strategy = run.cfg, run.strategy
+    run.state = strategy.initial_state(get_adapter_state(run.model), min_rank=min(run.ranks))
+    if strategy.name == "fedsb" and cfg.strategy.fedsb_init == "federated" and cfg.dp.mode == "none":
+        print("fedlora: Fed-SB init round: gradient sketches from the clients …", flush=True)
+        run.state, run.init_cost = federated_sb_init(grid, strategy, run.state, run.nodes, min(run.ranks))
+        print(f"fedlora: Fed-SB init: {run.init_cost['init_bytes_up'] / 1e3:.1f} KB up, "
+              f"{run.init_cost['init_bytes_down'] / 1e3:.1f} KB down in all", flush=True)
+    set_adapter_state(run.model, run.state.adapter)
+    write_global_adapter(run.writer.dir, run.state, round=0, **run.meta)
+    cost = run.init_cost
+    run.writer.log_round({"round": 0, "strategy": strategy.name, "clients": cost.get("init_clients", 0),
+                          "train_loss": None, **run.evaluate(), "agg_error": None,
+                          "bytes_up": cost.get("init_bytes_up", 0), "bytes_down": cost.get("init_bytes_down", 0),
+                          "seconds": 0.0, **cost})
+    save_round(run, 0)
+
+
+def play_round(grid: Grid, run: ServerRun, rnd: int) -> dict:
+    """One round: sample the connected nodes, train, aggregate, evaluate, record, checkpoint;
+    returns the round's ``metrics.jsonl`` row."""
+    cfg, strategy, state = run.cfg, run.strategy, run.state
+    started = time.time()
+    run.nodes = discover(grid, strategy, cfg.strategy.min_clients, known=run.nodes)  # who is connected now
+    sampled = strategy.sample(run.nodes, run.rng)
+    print(f"fedlora: round {rnd}/{cfg.num_rounds}: training on {len(sampled)} clients …", flush=True)
+    stats, new_state, error = run_round(grid, strategy, state, sampled, rnd, cfg, run.frame_sent, run.writer.dir,
+                                        run.client_dp)
+    row = {"round": rnd, "strategy": strategy.name, "clients": stats.accepted, "rejected": len(stats.rejected),
+           "bytes_down": stats.bytes_down, "bytes_up": stats.bytes_up, "agg_error": error,
+           "train_loss": None, "eval_loss": None, "client_train_seconds": round(stats.train_seconds, 3)}
+    if new_state is not None:
+        fresh = {n: t[len(state.base_terms.get(n, [])):] for n, t in new_state.base_terms.items()}
+        side = apply_base_terms(run.model, fresh)
+        if side:  # quantized base: what the side-term policy dropped (0 while it only appends)
+            row["side_term_error"] = max(r["relative_error"] for r in side)
+        set_adapter_state(run.model, new_state.adapter)
+        run.state = new_state
+        write_global_adapter(run.writer.dir, new_state, round=rnd, **run.meta)
+        row["train_loss"] = sum(w * l for w, l in zip(stats.weights, stats.train_losses)) / sum(stats.weights)
+        row.update(run.evaluate())
+        if cfg.eval.client_eval:
+            row.update(client_eval(grid, strategy, new_state, sampled, rnd, cfg, run.frame_sent))
     else:
-        state = strategy.initial_state(get_adapter_state(model), min_rank=min(ranks))
-        init_cost: dict[str, int] = {}
-        if strategy.name == "fedsb" and cfg.strategy.fedsb_init == "federated" and cfg.dp.mode == "none":
-            print("fedlora: Fed-SB init round: gradient sketches from the clients …", flush=True)
-            state, init_cost = federated_sb_init(grid, strategy, state, nodes, min(ranks))
-            print(f"fedlora: Fed-SB init: {init_cost['init_bytes_up'] / 1e3:.1f} KB up, "
-                  f"{init_cost['init_bytes_down'] / 1e3:.1f} KB down in all", flush=True)
-        set_adapter_state(model, state.adapter)
-        write_global_adapter(writer.dir, state, round=0, **meta)
-        writer.log_round({"round": 0, "strategy": strategy.name, "clients": init_cost.get("init_clients", 0),
-                          "train_loss": None, **server_eval(), "agg_error": None,
-                          "bytes_up": init_cost.get("init_bytes_up", 0), "bytes_down": init_cost.get("init_bytes_down", 0),
-                          "seconds": 0.0, **init_cost})
-        save_round(writer, 0, state, cfg, rng, client_dp, {"ranks": ranks, "init_cost": init_cost})
+        row["skipped"] = True  # too few usable replies: the previous global adapter stays
+    if stats.rejected:
+        row["rejected_reasons"] = stats.rejected
+    if cfg.dp.mode != "none":
+        row["epsilon"] = worst_epsilon(run.writer.dir)
+    row["seconds"] = round(time.time() - started, 2)
+    run.writer.log_round(row)
+    save_round(run, rnd)
+    return row
 
-    for rnd in range(writer.rows[-1]["round"] + 1, cfg.num_rounds + 1):
-        started = time.time()
-        nodes = discover(grid, strategy, cfg.strategy.min_clients, known=nodes)  # who is connected now
-        sampled = strategy.sample(nodes, rng)
-        print(f"fedlora: round {rnd}/{cfg.num_rounds}: training on {len(sampled)} clients …", flush=True)
-        stats_, new_state, error = run_round(grid, strategy, state, sampled, rnd, cfg, frame_sent, writer.dir, client_dp)
-        row = {"round": rnd, "strategy": strategy.name, "clients": stats_.accepted, "rejected": len(stats_.rejected),
-               "bytes_down": stats_.bytes_down, "bytes_up": stats_.bytes_up, "agg_error": error,
-               "train_loss": None, "eval_loss": None, "client_train_seconds": round(stats_.train_seconds, 3)}
-        if new_state is not None:
-            fresh = {n: t[len(state.base_terms.get(n, [])):] for n, t in new_state.base_terms.items()}
-            side = apply_base_terms(model, fresh)
-            if side:  # quantized base: what the side-term policy dropped (0 while it only appends)
-                row["side_term_error"] = max(r["relative_error"] for r in side)
-            set_adapter_state(model, new_state.adapter)
-            state = new_state
-            write_global_adapter(writer.dir, state, round=rnd, **meta)
-            row["train_loss"] = sum(w * l for w, l in zip(stats_.weights, stats_.train_losses)) / sum(stats_.weights)
-            row.update(server_eval())
-            if cfg.eval.client_eval:
-                row.update(client_eval(grid, strategy, state, sampled, rnd, cfg, frame_sent))
-        else:
-            row["skipped"] = True  # too few usable replies: the previous global adapter stays
-        if stats_.rejected:
-            row["rejected_reasons"] = stats_.rejected
-        if cfg.dp.mode != "none":
-            row["epsilon"] = worst_epsilon(writer.dir)
-        row["seconds"] = round(time.time() - started, 2)
-        writer.log_round(row)
-        save_round(writer, rnd, state, cfg, rng, client_dp, {"ranks": ranks, "init_cost": init_cost})
 
+def finish(run: ServerRun) -> dict:
+    """After the last round: GSM8K accuracy when asked, the PEFT adapter, plots, the privacy
+    report, summary, manifest and report.md. Raises when no round got enough usable replies."""
+    cfg, writer, model = run.cfg, run.writer, run.model
     if not any(r.get("eval_loss") is not None for r in writer.rows[1:]):
         raise RuntimeError("no round got enough usable client replies; see the rejected replies logged above")
-    extra = {"strategy": strategy.name, "exact": strategy.exact, **init_cost, "quant": quant, "model": cfg.model.name_or_path,
-             "dataset": cfg.dataset.name, "device": str(device), "client_ranks": ranks}
+    device = str(next(model.parameters()).device)
+    extra = {"strategy": run.strategy.name, "exact": run.strategy.exact, **run.init_cost, "quant": model.quant_report,
+             "model": cfg.model.name_or_path, "dataset": cfg.dataset.name, "device": device, "client_ranks": run.ranks}
     if cfg.eval.gsm8k_problems > 0:
-        rows = held_out.select(range(min(cfg.eval.gsm8k_problems, len(held_out))))
+        rows = run.plan.held_out.select(range(min(cfg.eval.gsm8k_problems, len(run.plan.held_out))))
         problems = [format_example(r, cfg.dataset) for r in rows]
-        extra["gsm8k"] = gsm8k_accuracy(model, tokenizer, problems, max_new_tokens=cfg.eval.max_new_tokens, progress=True)
+        extra["gsm8k"] = gsm8k_accuracy(model, run.tokenizer, problems, max_new_tokens=cfg.eval.max_new_tokens,
+                                        progress=True)
         print(f"fedlora: GSM8K exact match {extra['gsm8k']['correct']}/{extra['gsm8k']['total']}", flush=True)
-    adapter_dir = save_peft_adapter(export_state(state, cfg.adapter.alpha, cfg.adapter.rslora), cfg.adapter,
+    adapter_dir = save_peft_adapter(export_state(run.state, cfg.adapter.alpha, cfg.adapter.rslora), cfg.adapter,
                                     writer.dir / "adapter", base_model=cfg.model.name_or_path)
     writer.plot()
     if cfg.dp.mode != "none":
@@ -359,46 +375,42 @@ def run_server(grid: Grid, cfg: FedloraConfig, run_dir: str | Path) -> dict:
         extra["privacy_report"] = {k: str(v) for k, v in paths.items()}
         print(f"fedlora: privacy report: {', '.join(p.name for p in paths.values())}", flush=True)
     summary_path = writer.write_summary(extra | {"adapter_dir": str(adapter_dir)})
-    run_manifest = manifest(config_to_dict(cfg), stats, str(device))
+    run_manifest = manifest(config_to_dict(cfg), run.plan.partition_stats, device)
     writer.write_json("manifest.json", run_manifest)
-    write_report(writer.dir, config_to_dict(cfg), format_partition_stats(stats), writer.rows, json.loads(summary_path.read_text()), run_manifest)
+    write_report(writer.dir, config_to_dict(cfg), format_partition_stats(run.plan.partition_stats), writer.rows,
+                 json.loads(summary_path.read_text()), run_manifest)
     print(f"fedlora: done; results in {writer.dir} (report.md, {summary_path.name}, metrics.jsonl, adapter/, eval_loss.png)", flush=True)
     return {"run_dir": str(writer.dir), "rows": writer.rows}
 
 
-def save_round(writer: RunWriter, rnd: int, state: GlobalState, cfg: FedloraConfig, rng: random.Random,
-               client_dp: ClientLevelDP | None, server: dict) -> Path:
+def save_round(run: ServerRun, rnd: int) -> Path:
     """Checkpoint the server after round ``rnd`` (its metrics row already written)."""
-    rng_state, rng_tensors = capture_rng(rng)
-    accountant = client_dp.accountant.to_json() if client_dp and client_dp.accountant else None
-    server = {**server, "client_level_accountant": accountant, "wall_seconds": round(time.time() - writer.started, 3)}
-    return save_checkpoint(writer.dir, Checkpoint(rnd, state, config_to_dict(cfg), list(writer.rows), rng_state,
-                                                  rng_tensors, ledger_position(writer.dir), server))
+    rng_state, rng_tensors = capture_rng(run.rng)
+    server = {"ranks": run.ranks, "init_cost": run.init_cost,
+              "client_level_accountant": run.client_dp.checkpoint() if run.client_dp else None,
+              "wall_seconds": round(time.time() - run.writer.started, 3)}
+    return save_checkpoint(run.writer.dir, Checkpoint(rnd, run.state, config_to_dict(run.cfg), list(run.writer.rows),
+                                                      rng_state, rng_tensors, ledger_position(run.writer.dir), server))
 
 
-def restore_run(ckpt: Checkpoint, model, writer: RunWriter, rng: random.Random, client_dp: ClientLevelDP | None,
-                meta: dict) -> tuple[GlobalState, dict]:
-    """Put a checked checkpoint back: the server model, RNGs, metrics (rows past the checkpoint are
-    dropped), the client-level accountant; returns the state and the Fed-SB init cost."""
-    state = ckpt.state
-    apply_base_terms(model, state.base_terms)
-    set_adapter_state(model, state.adapter)
-    restore_rng(ckpt.rng, ckpt.rng_tensors, rng)
-    writer.rows = list(ckpt.metrics)
-    write_metrics(writer.dir, writer.rows)
-    writer.started = time.time() - float(ckpt.server.get("wall_seconds", 0.0))
-    if client_dp is not None:
-        saved = ckpt.server.get("client_level_accountant")
-        client_dp.accountant = most_spent(AccountantState.from_json(saved) if saved else None,
-                                          restore_client_level_state(writer.dir))  # the ledger may know more
-    later = ledger_entries_since(writer.dir, ckpt.ledger)
+def restore_run(run: ServerRun, ckpt: Checkpoint) -> None:
+    """Put a checked checkpoint back: the server model, RNGs, the writer's rows and clock (rows
+    past the checkpoint are dropped), the client-level accountant, the Fed-SB init cost."""
+    run.state = ckpt.state
+    apply_base_terms(run.model, run.state.base_terms)
+    set_adapter_state(run.model, run.state.adapter)
+    restore_rng(ckpt.rng, ckpt.rng_tensors, run.rng)
+    run.writer.restore(ckpt.metrics, float(ckpt.server.get("wall_seconds", 0.0)))
+    if run.client_dp is not None:
+        run.client_dp.restore(ckpt.server.get("client_level_accountant"), run.writer.dir)
+    run.init_cost = dict(ckpt.server.get("init_cost", {}))
+    later = ledger_entries_since(run.writer.dir, ckpt.ledger)
     if later > 0:
         print(f"fedlora: {later} privacy ledger entries were written after round {ckpt.round} was saved (an interrupted "
               "round); they stay, so privacy spent then stays counted", flush=True)
-    write_global_adapter(writer.dir, state, round=ckpt.round, **meta)
+    write_global_adapter(run.writer.dir, run.state, round=ckpt.round, **run.meta)
     print(f"fedlora: resuming after round {ckpt.round} from {ckpt.path}", flush=True)
-    print(writer.table_header() + "\n" + "\n".join(writer.table_row(r) for r in writer.rows), flush=True)
-    return state, dict(ckpt.server.get("init_cost", {}))
+    print(run.writer.table_header() + "\n" + "\n".join(run.writer.table_row(r) for r in run.writer.rows), flush=True)
 
 
 def client_eval(grid: Grid, strategy: LoraStrategy, state: GlobalState, nodes: list[NodeInfo], rnd: int,

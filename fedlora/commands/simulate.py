@@ -2,33 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from fedlora.config import FedloraConfig, config_to_dict
-from fedlora.data.partition import partition_dataset
-from fedlora.data.splits import load_splits
+from fedlora.config import FedloraConfig
+from fedlora.plan import RunPlan, plan_run
 
 
-def preflight(cfg: FedloraConfig) -> None:
-    """Fail on bad strategy, data, partitioning or checkpoint before the simulation engine starts."""
-    from fedlora.aggregation import resolve_method
-
-    resolve_method(cfg)
-    if cfg.resume:  # corrupt or incompatible: refused here, with the run directory untouched
-        from fedlora.rundir.checkpoint import prepare_resume
-
-        ckpt = prepare_resume(cfg.resume, config_to_dict(cfg))
-        print(f"fedlora: resuming {cfg.resume} after round {ckpt.round} of {cfg.num_rounds}", flush=True)
-    if cfg.dp.mode == "client":
-        from fedlora.privacy import check_client_level_strategy
-
-        check_client_level_strategy(cfg.strategy.name)
-    train, _ = load_splits(cfg)
-    partition_dataset(train, cfg.dataset, cfg.num_clients)
+def preflight(cfg: FedloraConfig) -> RunPlan:
+    """Fail on bad strategy, data, partitioning or checkpoint before the simulation engine starts;
+    returns the checked plan, which the ServerApp then uses instead of building it again."""
+    plan = plan_run(cfg)  # a corrupt or incompatible resume is refused here, with the run directory untouched
+    if plan.resumed:
+        print(f"fedlora: resuming {cfg.resume} after round {plan.resumed.round} of {cfg.num_rounds}", flush=True)
+    return plan
 
 
 def client_gpu_fraction(cfg: FedloraConfig) -> float:
@@ -66,6 +58,39 @@ def server_threads(cfg: FedloraConfig, cpus: int) -> int:
     return max(1, int(cpus - min(workers, cfg.num_clients) * cfg.client_cpus))
 
 
+RUN_SIMULATION_DEPRECATION = "The `run_simulation` function is deprecated"
+"""How Flower 1.42 starts its one-time notice on ``flwr.simulation.run_simulation`` (logged through
+``warn_deprecated_feature`` as ``"DEPRECATED FEATURE: %s"`` with this text in the argument)."""
+
+
+def _is_run_simulation_notice(record: logging.LogRecord) -> bool:
+    return (str(record.msg).startswith("DEPRECATED FEATURE:")
+            and any(RUN_SIMULATION_DEPRECATION in str(arg) for arg in record.args or ()))
+
+
+@contextmanager
+def without_run_simulation_notice():
+    """Drop Flower's deprecation notice for ``run_simulation``, and only that record, from the
+    ``flwr`` logger for the block; every other Flower message (other deprecations included) passes.
+
+    Why: Flower 1.42 has no supported in-process simulation entry point. ``run_simulation`` is
+    deprecated in favour of ``flwr run`` against a SuperLink, which builds the apps itself from
+    ``pyproject.toml``'s flat run config, so it cannot take the typed ``FedloraConfig`` built from
+    Hydra here, nor the ``client_app`` tests pass in. The other entry points of ``flwr.simulation``
+    are the deprecated legacy ``start_simulation`` and ``run_simulation_process``, the process a
+    SuperLink launches, which needs its SimulationIo API and a token. Until Flower ships an
+    in-process replacement, ``fedlora simulate`` keeps calling ``run_simulation`` and this notice,
+    which the user cannot act on, is withheld (README: "Why `fedlora simulate` uses run_simulation").
+    """
+    flwr_logger = logging.getLogger("flwr")
+    notice_filter = lambda record: not _is_run_simulation_notice(record)  # noqa: E731
+    flwr_logger.addFilter(notice_filter)
+    try:
+        yield
+    finally:
+        flwr_logger.removeFilter(notice_filter)
+
+
 def simulate(cfg: FedloraConfig, run_dir: str | Path, client_app=None) -> None:
     """Run ``cfg`` with ``cfg.num_clients`` virtual SuperNodes; outputs go to ``run_dir`` (with
     ``cfg.resume``: that run directory). ``client_app`` replaces fedlora's ClientApp (tests use it to
@@ -76,16 +101,17 @@ def simulate(cfg: FedloraConfig, run_dir: str | Path, client_app=None) -> None:
     from fedlora_server.app import make_server_app
 
     cfg = replace(cfg, run_dir=str(cfg.resume or run_dir))
-    preflight(cfg)
+    plan = preflight(cfg)
     threads = torch.get_num_threads()
     if not os.environ.get("RAY_ADDRESS"):
         torch.set_num_threads(server_threads(cfg, local_cpus()))
     try:
-        run_simulation(
-            server_app=make_server_app(cfg),
-            client_app=client_app or make_client_app(cfg),
-            num_supernodes=cfg.num_clients,
-            backend_config=backend_config(cfg),
-        )
+        with without_run_simulation_notice():  # no supported in-process alternative yet (see there)
+            run_simulation(
+                server_app=make_server_app(cfg, plan),
+                client_app=client_app or make_client_app(cfg),
+                num_supernodes=cfg.num_clients,
+                backend_config=backend_config(cfg),
+            )
     finally:
         torch.set_num_threads(threads)

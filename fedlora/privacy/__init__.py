@@ -39,6 +39,7 @@ from fedlora.privacy.client_level import (
     noise_generator,
     privatize_round,
 )
+from fedlora.privacy.dp_fedavg import ClientLevelDP
 from fedlora.privacy.dp_training import DPTrainResult, private_dense_gradient, train_local_dp
 from fedlora.privacy.ledger import (
     append_entry,
@@ -52,6 +53,7 @@ from fedlora.privacy.ledger import (
 from fedlora.privacy.report import privacy_report_main, write_privacy_report
 
 __all__ = [
+    "ClientLevelDP",
     "STATE_KEY",
     "AccountantState",
     "BudgetDecision",
