@@ -20,9 +20,19 @@ from fedlora.adapters.base_terms import apply_base_terms
 from fedlora.config import FedloraConfig, NodeSettings, config_from_run_config, node_settings
 from fedlora.training.evaluation import evaluate_loss
 from fedlora.protocol.messages import (
+    BASIS,
     CONFIG,
     FRAME,
+    METRICS,
+    NODE_INFO,
+    NUM_EXAMPLES,
+    PARTITION_ID,
     PRIVACY,
+    QUERY,
+    RANK,
+    SB_PROJECT,
+    SB_SKETCH,
+    SKETCH,
     arrays_to_frame,
     from_array_record,
     read_train_content,
@@ -88,17 +98,17 @@ def sb_init_pass(cfg: FedloraConfig, node: NodeSettings, msg: Message, rc: dict)
     model, tokenizer = build_model(cfg, kind="lora", reuse=True)
     examples = _examples(cfg, node, tokenizer, "train", limit=int(rc["n_examples"]))
     grads = dense_gradients(model, examples, batch_size=cfg.train.batch_size, pad_id=tokenizer.pad_token_id)
-    if rc["query"] == "sb_sketch":
+    if rc[QUERY] == SB_SKETCH:
         out = {}
         for name, g in grads.items():
             omega = draw_sketch(g.shape[1], min(int(rc["width"]), *g.shape), int(rc["seed"]))
             out[name] = client_range_sketch(g, omega).numpy()
-    elif rc["query"] == "sb_project":
-        basis = from_array_record(msg.content["basis"])
+    elif rc[QUERY] == SB_PROJECT:
+        basis = from_array_record(msg.content[BASIS])
         out = {name: client_projection(g, torch.from_numpy(basis[name])).numpy() for name, g in grads.items()}
     else:
-        raise ValueError(f"unknown query {rc['query']!r}")
-    return RecordDict({"sketch": to_array_record(out), "metrics": MetricRecord({"num-examples": len(examples)})})
+        raise ValueError(f"unknown query {rc[QUERY]!r}")
+    return RecordDict({SKETCH: to_array_record(out), METRICS: MetricRecord({NUM_EXAMPLES: len(examples)})})
 
 
 def client_seed(cfg: FedloraConfig, node: NodeSettings, round_index: int) -> int:
@@ -114,10 +124,10 @@ def make_client_app(cfg: FedloraConfig | None = None) -> ClientApp:
         """Node discovery (partition, rank, data size), or a pass of Fed-SB's init round."""
         run_cfg, node = _config(context, cfg)
         rc = dict(msg.content[CONFIG])
-        if rc["query"] == "node-info":
+        if rc[QUERY] == NODE_INFO:
             train_ds = client_split(run_cfg, node.partition_id, node.num_partitions, node.data_path, "train")
-            metrics = {"partition-id": node.partition_id, "rank": node.rank, "num-examples": len(train_ds)}
-            return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+            metrics = {PARTITION_ID: node.partition_id, RANK: node.rank, NUM_EXAMPLES: len(train_ds)}
+            return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
         return Message(sb_init_pass(run_cfg, node, msg, rc), reply_to=msg)
 
     @client_app.train()

@@ -16,13 +16,23 @@ from flwr.serverapp import Grid
 from fedlora.adapters.state import LoraFactors
 from fedlora.aggregation import GlobalState, fedsb
 from fedlora.aggregation.fedsb_init import server_factors, server_range_basis
-from fedlora.protocol.messages import CONFIG, content_bytes, from_array_record, to_array_record
+from fedlora.protocol.messages import (
+    BASIS,
+    CONFIG,
+    METRICS,
+    NUM_EXAMPLES,
+    QUERY,
+    SB_PROJECT,
+    SB_SKETCH,
+    SKETCH,
+    content_bytes,
+    from_array_record,
+    to_array_record,
+)
 from fedlora_server.transport import stream_replies
 from fedlora_server.strategy import LoraStrategy, NodeInfo
 
 log = logging.getLogger("fedlora")
-
-SKETCH, BASIS = "sketch", "basis"
 
 
 def _ask(grid: Grid, nodes: list[NodeInfo], config: dict, arrays: dict | None, timeout) -> tuple[dict, dict, int, int]:
@@ -41,7 +51,7 @@ def _ask(grid: Grid, nodes: list[NodeInfo], config: dict, arrays: dict | None, t
             continue
         up += content_bytes(reply.content)
         pieces[reply.metadata.src_node_id] = {k: torch.from_numpy(v) for k, v in from_array_record(reply.content[SKETCH]).items()}
-        weights[reply.metadata.src_node_id] = float(reply.content["metrics"]["num-examples"])
+        weights[reply.metadata.src_node_id] = float(reply.content[METRICS][NUM_EXAMPLES])
     return pieces, weights, down, up
 
 
@@ -54,13 +64,13 @@ def federated_sb_init(grid: Grid, strategy: LoraStrategy, state: GlobalState, no
     seed = cfg.adapter.init_seed
     timeout = cfg.strategy.round_timeout
     base = {"n_examples": cfg.strategy.fedsb_init_examples, "seed": seed, "width": width}
-    ys, w1, down1, up1 = _ask(grid, nodes, {"query": "sb_sketch", **base}, None, timeout)
+    ys, w1, down1, up1 = _ask(grid, nodes, {QUERY: SB_SKETCH, **base}, None, timeout)
     if len(ys) < cfg.strategy.min_clients:
         raise RuntimeError(f"Fed-SB init: only {len(ys)} nodes answered the sketch pass")
     order = sorted(ys)
     layers = sorted(next(iter(ys.values())))
     basis = {n: server_range_basis([ys[i][n] for i in order], [w1[i] for i in order]) for n in layers}
-    zs, w2, down2, up2 = _ask(grid, [n for n in nodes if n.node_id in ys], {"query": "sb_project", **base},
+    zs, w2, down2, up2 = _ask(grid, [n for n in nodes if n.node_id in ys], {QUERY: SB_PROJECT, **base},
                               {n: q.numpy() for n, q in basis.items()}, timeout)
     order = sorted(zs)
     frame, core = {}, {}

@@ -32,7 +32,18 @@ from fedlora.model.build import build_model
 from fedlora.model.peft_export import export_state, save_peft_adapter
 from fedlora.plan import RunPlan, plan_run
 from fedlora.privacy import ClientLevelDP, append_entry, run_entry, worst_epsilon, write_privacy_report
-from fedlora.protocol.messages import CONFIG, METRICS, PRIVACY, content_bytes, train_content
+from fedlora.protocol.messages import (
+    CONFIG,
+    METRICS,
+    NODE_INFO,
+    NUM_EXAMPLES,
+    PARTITION_ID,
+    PRIVACY,
+    QUERY,
+    RANK,
+    content_bytes,
+    train_content,
+)
 from fedlora.protocol.proto_io import write_global_adapter
 from fedlora.rundir.checkpoint import (
     Checkpoint,
@@ -69,14 +80,14 @@ def discover(grid: Grid, strategy: LoraStrategy, needed: int, known: list[NodeIn
     node_ids = [i for i in node_ids if i not in known_ids]
     if not node_ids:
         return nodes
-    query = [Message(content=RecordDict({CONFIG: ConfigRecord({"query": "node-info"})}), dst_node_id=n,
+    query = [Message(content=RecordDict({CONFIG: ConfigRecord({QUERY: NODE_INFO})}), dst_node_id=n,
                      message_type=MessageType.QUERY) for n in node_ids]
     for reply in stream_replies(grid, query, timeout, window=DISCOVERY_WINDOW):
         if reply.has_error():
             log.warning("node %s failed discovery: %s", reply.metadata.src_node_id, reply.error.reason)
             continue
         m = reply.content[METRICS]
-        nodes.append(NodeInfo(reply.metadata.src_node_id, int(m["partition-id"]), int(m["rank"]), int(m["num-examples"])))
+        nodes.append(NodeInfo(reply.metadata.src_node_id, int(m[PARTITION_ID]), int(m[RANK]), int(m[NUM_EXAMPLES])))
     check_ranks(strategy.method, [n.rank for n in nodes])
     return nodes
 
@@ -116,7 +127,7 @@ class Round:
         if reason:
             self.rejected.append(f"{who}: {reason}")
             return False
-        weight = 1.0 if self.client_dp else float(metrics["num-examples"])  # client-level DP: equal weights
+        weight = 1.0 if self.client_dp else float(metrics[NUM_EXAMPLES])  # client-level DP: equal weights
         if self.client_dp:
             self.held.append(update)
         else:

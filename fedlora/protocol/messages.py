@@ -8,11 +8,13 @@ Both apps import this one module, so the keys live in one place. A train/evaluat
   FLoRA stacks), factored ``term{k}.lora_A/B`` or dense ``term{k}.dense``;
 - ``frame``   (ArrayRecord, optional): a B·R·A adapter's fixed frame, sent once per client;
 - ``config``  (ConfigRecord): ``round``, ``num_rounds``, ``strategy``, ``adapter_kind``, ``rank``,
-  ``upload`` (the parts to send back).
+  ``parts`` (the parts to send back, comma-separated).
 
 A train reply holds ``update`` (ArrayRecord) and ``metrics`` (MetricRecord with ``num-examples``,
 ``train_loss`` …); an evaluate reply holds ``metrics`` only; a query reply (node discovery)
-holds ``metrics`` with ``partition-id``, ``rank`` and ``num-examples``.
+holds ``metrics`` with ``partition-id``, ``rank`` and ``num-examples``. Fed-SB's init round is two
+more queries (``sb_sketch``, ``sb_project``): the server sends the range ``basis`` with the second,
+and each reply holds the client's ``sketch`` and ``metrics``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,15 @@ from fedlora.aggregation.padding import BaseTerm, DenseTerm
 GLOBAL, BASE, FRAME, CONFIG, UPDATE, METRICS = "global", "base", "frame", "config", "update", "metrics"
 PRIVACY = "privacy"
 """A train reply's privacy ledger entry (ConfigRecord ``entry``: JSON), under DP."""
+SKETCH, BASIS = "sketch", "basis"
+"""Fed-SB init: a client's gradient sketch (reply), the server's range basis (second query)."""
+
+QUERY = "query"
+"""The config key that names a query message's question."""
+NODE_INFO, SB_SKETCH, SB_PROJECT = "node-info", "sb_sketch", "sb_project"
+"""Query names: node discovery; Fed-SB init pass 1 (Y_i = G_i·Ω) and pass 2 (Z_i = Qᵀ·G_i)."""
+NUM_EXAMPLES, PARTITION_ID, RANK = "num-examples", "partition-id", "rank"
+"""Metric keys of a node-info reply (``num-examples`` is also every train reply's weight)."""
 
 
 def to_array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
