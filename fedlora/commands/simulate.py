@@ -97,6 +97,7 @@ def simulate(cfg: FedloraConfig, run_dir: str | Path, client_app=None) -> None:
     run clients that misbehave)."""
     from flwr.simulation import run_simulation
 
+    from fedlora.data.records import reports_shared_by_run
     from fedlora_client.app import make_client_app
     from fedlora_server.app import make_server_app
 
@@ -106,7 +107,8 @@ def simulate(cfg: FedloraConfig, run_dir: str | Path, client_app=None) -> None:
     if not os.environ.get("RAY_ADDRESS"):
         torch.set_num_threads(server_threads(cfg, local_cpus()))
     try:
-        with without_run_simulation_notice():  # no supported in-process alternative yet (see there)
+        # run_simulation: no supported in-process alternative yet (see without_run_simulation_notice)
+        with reports_shared_by_run(), without_run_simulation_notice():
             run_simulation(
                 server_app=make_server_app(cfg, plan),
                 client_app=client_app or make_client_app(cfg),

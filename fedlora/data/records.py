@@ -23,13 +23,16 @@ package; it goes through exactly the same code as any other JSONL file.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.resources
 import logging
 import os
 import random
 import re
 import tempfile
+from array import array
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
@@ -137,7 +140,7 @@ def _load_local_file(path: str, suffix: str, where: str) -> datasets.Dataset:
     builder = _BUILDERS[suffix]
     # A throwaway cache folder + keep_in_memory: the Arrow file datasets writes while parsing is
     # read into memory and deleted, so local files leave nothing in ~/.cache/huggingface.
-    with tempfile.TemporaryDirectory(prefix="fedlora-data-") as cache_dir:
+    with tempfile.TemporaryDirectory(prefix="fedlora-data-") as cache_dir, _no_datasets_progress():
         try:
             return datasets.load_dataset(
                 builder, data_files=path, split="train", keep_in_memory=True, cache_dir=cache_dir
@@ -150,6 +153,22 @@ def _load_local_file(path: str, suffix: str, where: str) -> datasets.Dataset:
                 f"could not parse {path} as {builder} (from {where}): "
                 f"{type(cause).__name__}: {cause}; check the file is valid {suffix[1:].upper()}"
             ) from err
+
+
+@contextmanager
+def _no_datasets_progress() -> Iterator[None]:
+    """No "Generating train split" bar while a local file is parsed: every worker process (a
+    deployed node: every message) reads the file again, in well under a second for the files
+    fedlora trains on. Left alone when ``HF_DATASETS_DISABLE_PROGRESS_BARS`` decides."""
+    env_decides = datasets.config.HF_DATASETS_DISABLE_PROGRESS_BARS is not None
+    switch = not env_decides and not datasets.utils.are_progress_bars_disabled()
+    if switch:
+        datasets.utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if switch:
+            datasets.utils.enable_progress_bars()
 
 
 def _load_hub(path: str, split: str, where: str) -> datasets.Dataset:
@@ -295,7 +314,7 @@ def tokenize_dataset(ds: datasets.Dataset, tokenizer: Any, cfg: DatasetConfig) -
         examples.append(example)
         prompt_cuts += prompt_cut
         response_cuts += response_cut
-    if response_cuts:
+    if response_cuts and _first_report(_truncation_key(cfg, tokenizer, prompt_ids, response_ids)):
         logger.warning(
             "%d of %d examples exceed dataset.max_length=%d: responses truncated from the end "
             "(%d of them also had the prompt truncated from the left); raise dataset.max_length "
@@ -303,6 +322,63 @@ def tokenize_dataset(ds: datasets.Dataset, tokenizer: Any, cfg: DatasetConfig) -
             response_cuts, len(examples), cfg.max_length, prompt_cuts,
         )
     return examples
+
+
+REPORTS_DIR_ENV = "FEDLORA_REPORTS_DIR"
+"""A folder the processes of one run share to print each one-time line once (see
+:func:`reports_shared_by_run`); unset, each process keeps its own record."""
+
+_REPORTED: set[tuple[str, str]] = set()
+"""(reports folder, key) of the truncation lines this process has printed."""
+
+
+def _truncation_key(cfg: DatasetConfig, tokenizer: Any, prompt_ids: list, response_ids: list) -> str:
+    """The same in every process for the same rows, config and tokenizer: the rows' token lengths
+    tell one client's partition (or split, or ``limit``) from another's."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(repr((cfg, type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""))).encode())
+    for ids in (prompt_ids, response_ids):
+        digest.update(array("q", map(len, ids)).tobytes())
+    return digest.hexdigest()
+
+
+def _first_report(key: str) -> bool:
+    """True the first time ``key`` comes up in this run: a client's data is tokenised again when its
+    cached examples are evicted, and under Ray by every worker that trains it in some round, and
+    the same line each time says nothing new. Without a shared folder: the first time in this
+    process (bounded; a process that sees very many datasets may repeat a line)."""
+    folder = os.environ.get(REPORTS_DIR_ENV, "")
+    if (folder, key) in _REPORTED:
+        return False
+    if len(_REPORTED) >= 10_000:
+        _REPORTED.clear()
+    _REPORTED.add((folder, key))
+    if folder:
+        try:  # O_EXCL: exactly one process of the run creates the mark
+            os.close(os.open(os.path.join(folder, key), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return False
+        except OSError:  # the folder is not on this machine (a Ray node elsewhere): report
+            pass
+    return True
+
+
+@contextmanager
+def reports_shared_by_run() -> Iterator[None]:
+    """For the block, this process and every process started from it (local Ray workers inherit the
+    environment) print each truncation line once between them, so a client's line appears once
+    per run, not once per worker that trains the client in some round. The marks live in a
+    temporary folder, removed afterwards."""
+    previous = os.environ.get(REPORTS_DIR_ENV)
+    with tempfile.TemporaryDirectory(prefix="fedlora-reports-") as folder:
+        os.environ[REPORTS_DIR_ENV] = folder
+        try:
+            yield
+        finally:
+            if previous is None:
+                os.environ.pop(REPORTS_DIR_ENV, None)
+            else:
+                os.environ[REPORTS_DIR_ENV] = previous
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,20 +23,25 @@ from __future__ import annotations
 import copy
 import importlib
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from huggingface_hub import hf_hub_download
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from fedlora.config import ModelConfig
 from fedlora.model.tiny import build_tiny_model, build_tiny_tokenizer
+
+logger = logging.getLogger(__name__)
 
 Loaded = tuple[PreTrainedModel, PreTrainedTokenizerBase]
 
@@ -253,15 +258,59 @@ def save_dense_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
 # helpers
 
 
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' per-load output off for the block, restored after it: its progress bars
+    ("Loading weights", "Loading checkpoint shards") and its log records below ERROR (the LOAD
+    REPORT table, deprecation chatter). Every client loads the base at least once per worker
+    process (a deployed node: once per message), so each would otherwise print them. Errors are
+    still logged and raised; missing weights are reported by :func:`_from_pretrained` instead, and
+    an error that refers to the silenced report says how to see it. A ``TRANSFORMERS_VERBOSITY``
+    set in the environment is left in force.
+
+    With transformers >= 5 only transformers' own bars are replaced (its ``set_tqdm_hook``), so a
+    first download from the hub still shows huggingface_hub's progress; older versions have only
+    the global switch, which hides the hub's bars too for the block."""
+    level = hf_logging.get_verbosity()
+    if not os.environ.get("TRANSFORMERS_VERBOSITY"):
+        hf_logging.set_verbosity(max(level, hf_logging.ERROR))
+    restore: Callable[[], object] = lambda: None  # noqa: E731
+    if hasattr(hf_logging, "set_tqdm_hook"):
+        previous = hf_logging.set_tqdm_hook(lambda _factory, args, kwargs: hf_logging.EmptyTqdm(*args, **kwargs))
+        restore = lambda: hf_logging.set_tqdm_hook(previous)  # noqa: E731
+    elif hf_logging.is_progress_bar_enabled():
+        hf_logging.disable_progress_bar()
+        restore = hf_logging.enable_progress_bar
+    try:
+        yield
+    except RuntimeError as err:
+        if "report" in str(err):  # e.g. "… For details look at the above report!"
+            err.add_note("fedlora hides transformers' load report; set TRANSFORMERS_VERBOSITY=warning to see it")
+        raise
+    finally:
+        restore()
+        hf_logging.set_verbosity(level)
+
+
+_MISSING_REPORTED: set[str] = set()
+"""Checkpoints whose missing weights this process has already reported (once each, not per load)."""
+
+
 def _from_pretrained(name_or_path: str, dtype: torch.dtype) -> Loaded:
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+            model, info = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, output_loading_info=True)
     except ValueError as err:
         if "Unrecognized configuration class" not in str(err):
             raise
         reason = str(err).splitlines()[0]  # the rest lists every supported config class
         raise ModelError(f"{name_or_path!r} is not a causal LM ({reason}); use a decoder-only model") from err
+    missing = info.get("missing_keys") or []
+    if missing and name_or_path not in _MISSING_REPORTED:  # the one line of the LOAD REPORT that matters
+        _MISSING_REPORTED.add(name_or_path)
+        logger.warning("%s: %d weight(s) not in the checkpoint were randomly initialised (e.g. %s)",
+                       name_or_path, len(missing), ", ".join(sorted(missing)[:3]))
     return model, tokenizer
 
 
