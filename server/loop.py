@@ -54,6 +54,7 @@ from fedlora.rundir.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
+from fedlora.rundir.files import ADAPTER_DIR, LOSS_PLOT_FILE, METRICS_FILE, REPORT_FILE
 from fedlora.rundir.writer import RunWriter, manifest, write_report
 from fedlora.training.evaluation import evaluate_loss, gsm8k_accuracy
 from fedlora_server.fedsb_round import federated_sb_init
@@ -379,7 +380,7 @@ def finish(run: ServerRun) -> dict:
                                         progress=True)
         print(f"fedlora: GSM8K exact match {extra['gsm8k']['correct']}/{extra['gsm8k']['total']}", flush=True)
     adapter_dir = save_peft_adapter(export_state(run.state, cfg.adapter.alpha, cfg.adapter.rslora), cfg.adapter,
-                                    writer.dir / "adapter", base_model=cfg.model.name_or_path)
+                                    writer.dir / ADAPTER_DIR, base_model=cfg.model.name_or_path)
     writer.plot()
     if cfg.dp.mode != "none":
         paths = write_privacy_report(writer.dir)
@@ -387,10 +388,11 @@ def finish(run: ServerRun) -> dict:
         print(f"fedlora: privacy report: {', '.join(p.name for p in paths.values())}", flush=True)
     summary_path = writer.write_summary(extra | {"adapter_dir": str(adapter_dir)})
     run_manifest = manifest(config_to_dict(cfg), run.plan.partition_stats, device)
-    writer.write_json("manifest.json", run_manifest)
+    writer.write_manifest(run_manifest)
     write_report(writer.dir, config_to_dict(cfg), format_partition_stats(run.plan.partition_stats), writer.rows,
                  json.loads(summary_path.read_text()), run_manifest)
-    print(f"fedlora: done; results in {writer.dir} (report.md, {summary_path.name}, metrics.jsonl, adapter/, eval_loss.png)", flush=True)
+    print(f"fedlora: done; results in {writer.dir} ({REPORT_FILE}, {summary_path.name}, {METRICS_FILE}, {ADAPTER_DIR}/, "
+          f"{LOSS_PLOT_FILE})", flush=True)
     return {"run_dir": str(writer.dir), "rows": writer.rows}
 
 

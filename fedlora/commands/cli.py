@@ -22,7 +22,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import yaml
+from fedlora.rundir.files import CONFIG_FILE
 
 USAGE = __doc__
 
@@ -45,6 +45,7 @@ def simulate_main(argv: list[str]) -> None:
 
     from fedlora.adapters import AdapterError
     from fedlora.rundir.checkpoint import CheckpointError, resume_config
+    from fedlora.rundir.files import RunDirError, read_config
     from fedlora.config import ConfigError, config_from_dict
     from fedlora.data.records import DataError
     from fedlora.model.loading import ModelError
@@ -55,11 +56,11 @@ def simulate_main(argv: list[str]) -> None:
         try:
             data = OmegaConf.to_container(dcfg, resolve=True)
             if data.get("resume"):  # the run's own config, with what this command line sets on top
-                saved = yaml.safe_load((Path(data["resume"]) / "config.yaml").read_text())
+                saved = read_config(data["resume"])
                 data = resume_config(saved, data, list(HydraConfig.get().overrides.task))
             cfg = config_from_dict(data)
             simulate(cfg, HydraConfig.get().runtime.output_dir)
-        except (ConfigError, DataError, AdapterError, ModelError, CheckpointError) as err:
+        except (ConfigError, DataError, AdapterError, ModelError, CheckpointError, RunDirError) as err:
             raise SystemExit(f"fedlora: error: {err}") from None
 
     argv = resume_argv(argv)
@@ -75,8 +76,8 @@ def resume_argv(argv: list[str]) -> list[str]:
     if not given or not given[-1].split("=", 1)[1]:
         return argv
     run_dir = Path(given[-1].split("=", 1)[1]).expanduser().resolve()
-    if not (run_dir / "config.yaml").is_file():
-        raise SystemExit(f"fedlora: error: resume={run_dir}: not a fedlora run directory (no config.yaml); "
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise SystemExit(f"fedlora: error: resume={run_dir}: not a fedlora run directory (no {CONFIG_FILE}); "
                          "give the directory of the run to continue")
     clash = [a for a in argv if a.startswith(("hydra.run.dir=", "-m", "--multirun"))]
     if clash:

@@ -24,15 +24,23 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from fedlora.rundir.files import (
+    CONFIG_FILE,
+    HYDRA_DIR,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    RunDirError,
+    read_config,
+    read_hydra_overrides,
+    read_metrics,
+    read_summary,
+)
 from fedlora.rundir.writer import human_bytes
 
 METRICS = [  # (name, axis label, higher is better)
@@ -42,7 +50,7 @@ METRICS = [  # (name, axis label, higher is better)
 ]
 """What the Pareto fronts are drawn for; the accuracies only when every run reports them."""
 
-REQUIRED = ("config.yaml", "metrics.jsonl", "summary.json")
+REQUIRED = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE)
 """What every finished run directory holds (see :mod:`fedlora.rundir.writer`)."""
 
 COLUMNS = ["run", "strategy", "ranks", "dp", "epsilon", "alpha", "rounds", "final_eval_loss", "token_accuracy",
@@ -130,7 +138,7 @@ def _natural(path: Path) -> list:
 
 def _is_run_dir(path: Path) -> bool:
     # a Hydra job folder (.hydra/) whose run failed before writing anything counts, so it is reported
-    return any((path / name).is_file() for name in REQUIRED) or (path / ".hydra").is_dir()
+    return any((path / name).is_file() for name in REQUIRED) or (path / HYDRA_DIR).is_dir()
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:
@@ -156,35 +164,6 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
     return sorted(dict.fromkeys(p.resolve() for p in found), key=_natural)
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CompareError(f"{path} cannot be read ({err}); rerun that run or leave it out") from None
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """``metrics.jsonl``: one JSON object with a ``round`` per line."""
-    rows = []
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise CompareError(f"{path} cannot be read ({err}); rerun that run or leave it out") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise CompareError(f"{path} line {n} is not JSON ({err.msg}); the file is damaged: rerun that run or leave it out") from None
-        if not isinstance(row, dict) or "round" not in row:
-            raise CompareError(f"{path} line {n} is not a round of metrics (no 'round'); rerun that run or leave it out")
-        rows.append(row)
-    if not rows:
-        raise CompareError(f"{path} holds no rounds; the run did not get past its start: rerun it or leave it out")
-    return rows
-
-
 def load_run(path: Path) -> Run:
     """Read one run directory; a missing or unreadable file raises :class:`CompareError` naming it."""
     missing = [name for name in REQUIRED if not (path / name).is_file()]
@@ -194,16 +173,19 @@ def load_run(path: Path) -> Run:
             "or pass --skip-incomplete to compare the others"
         )
     try:
-        config = yaml.safe_load((path / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise CompareError(f"{path / 'config.yaml'} cannot be read ({err}); rerun that run or leave it out") from None
-    summary = _read_json(path / "summary.json")
+        config = read_config(path)
+        summary = read_summary(path)
+        rows = read_metrics(path)
+        overrides = read_hydra_overrides(path)
+    except RunDirError as err:
+        raise CompareError(f"{err}; rerun that run or leave it out") from None
     for key in ("final_eval_loss", "total_bytes_up", "total_bytes_down"):
-        if not isinstance(summary, dict) or summary.get(key) is None:
-            raise CompareError(f"{path / 'summary.json'} has no {key}; rerun that run or leave it out")
-    overrides_file = path / ".hydra" / "overrides.yaml"
-    overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
-    return Run(path, config or {}, summary, read_metrics(path / "metrics.jsonl"), [str(o) for o in overrides or []])
+        if summary.get(key) is None:
+            raise CompareError(f"{path / SUMMARY_FILE} has no {key}; rerun that run or leave it out")
+    if not rows:
+        raise CompareError(f"{path / METRICS_FILE} holds no rounds; the run did not get past its start: rerun it or "
+                           "leave it out")
+    return Run(path, config, summary, rows, overrides)
 
 
 def load_runs(paths: list[str | Path], skip_incomplete: bool = False) -> list[Run]:

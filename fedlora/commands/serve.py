@@ -42,7 +42,6 @@ from fedlora.aggregation.common import GlobalState
 from fedlora.protocol.compression import SCHEMES
 from fedlora.proto.v1 import adapter_pb2, adapter_service_pb2, adapter_service_pb2_grpc, run_pb2
 from fedlora.protocol.proto_io import (
-    GLOBAL_ADAPTER_FILE,
     ProtoError,
     adapter_to_state,
     compression_code,
@@ -54,11 +53,20 @@ from fedlora.protocol.proto_io import (
     state_to_adapter,
     summary_to_row,
 )
+from fedlora.rundir.files import (
+    ADAPTER_DIR,
+    GLOBAL_ADAPTER_FILE,
+    METRICS_FILE,
+    PEFT_CONFIG_FILE,
+    PEFT_WEIGHTS_FILE,
+    PRIVACY_REPORT_JSON,
+    RunDirError,
+    read_metrics,
+)
 
 DEFAULT_PORT = 50061
 DEFAULT_CHUNK = 1 << 20  # 1 MiB: well under gRPC's 4 MiB default message limit
 MAX_CHUNK = 3 << 20
-PRIVACY_REPORT_FILE = "privacy_report.json"
 _PEFT_PREFIX, _PEFT_A, _PEFT_B = "base_model.model.", ".lora_A.weight", ".lora_B.weight"
 
 
@@ -78,8 +86,8 @@ def read_peft_adapter(directory: Path) -> tuple[AdapterState, dict[str, Any]]:
     adapter state, scales from ``lora_alpha``/``alpha_pattern``/``use_rslora`` and each layer's rank."""
     from safetensors.torch import load_file
 
-    config = json.loads((directory / "adapter_config.json").read_text())
-    tensors = load_file(str(directory / "adapter_model.safetensors"))
+    config = json.loads((directory / PEFT_CONFIG_FILE).read_text())
+    tensors = load_file(str(directory / PEFT_WEIGHTS_FILE))
     names = sorted(k[len(_PEFT_PREFIX):-len(_PEFT_A)] for k in tensors
                    if k.startswith(_PEFT_PREFIX) and k.endswith(_PEFT_A))
     state: AdapterState = {}
@@ -93,28 +101,19 @@ def read_peft_adapter(directory: Path) -> tuple[AdapterState, dict[str, Any]]:
     return state, config
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The complete rows of ``metrics.jsonl`` (a last line still being written is skipped)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    text = path.read_text()
-    lines = text.split("\n")[:-1]  # the part after the last newline is unfinished (or empty)
-    rows = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise RunError(grpc.StatusCode.DATA_LOSS, f"{path}:{number} is not JSON ({err.msg})") from None
-    return rows
+def metrics_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """The complete rows of ``metrics.jsonl`` (a last line still being written is skipped; none
+    when the run has not written the file yet)."""
+    try:
+        return read_metrics(run_dir, live=True)
+    except RunDirError as err:
+        raise RunError(grpc.StatusCode.DATA_LOSS, str(err)) from None
 
 
 def load_adapter_bytes(name: str, run_dir: Path, compression: str, merged: bool) -> tuple[bytes, int]:
     """The serialised ``Adapter`` to send and its round."""
     stored = run_dir / GLOBAL_ADAPTER_FILE
-    peft_dir = run_dir / "adapter"
+    peft_dir = run_dir / ADAPTER_DIR
     if stored.is_file():
         data = stored.read_bytes()
         try:
@@ -131,12 +130,12 @@ def load_adapter_bytes(name: str, run_dir: Path, compression: str, merged: bool)
         except ValueError as err:  # ProtoError (merge without lora_alpha), CompressionError (fp16 overflow)
             raise RunError(grpc.StatusCode.FAILED_PRECONDITION, f"run {name!r}: {err}") from None
         return serialize_adapter(out), out.round
-    if (peft_dir / "adapter_model.safetensors").is_file():
+    if (peft_dir / PEFT_WEIGHTS_FILE).is_file():
         try:
             state, config = read_peft_adapter(peft_dir)
         except (OSError, KeyError, ValueError) as err:
             raise RunError(grpc.StatusCode.DATA_LOSS, f"{peft_dir}: unreadable PEFT adapter ({err})") from None
-        rows = read_metrics(run_dir)
+        rows = metrics_rows(run_dir)
         try:
             out = state_to_adapter(
                 state, compression=compression, merged=True, run=name,
@@ -150,7 +149,7 @@ def load_adapter_bytes(name: str, run_dir: Path, compression: str, merged: bool)
         return serialize_adapter(out), out.round
     raise RunError(grpc.StatusCode.NOT_FOUND,
                    f"run {name!r} has no adapter yet: neither {stored} nor "
-                   f"{peft_dir / 'adapter_model.safetensors'} exists")
+                   f"{peft_dir / PEFT_WEIGHTS_FILE} exists")
 
 
 # ---------------------------------------------------------------- the service
@@ -193,17 +192,17 @@ class AdapterServicer(adapter_service_pb2_grpc.AdapterServiceServicer):
     def GetRoundMetrics(self, request, context) -> adapter_service_pb2.RoundMetrics:
         try:
             name, run_dir = self._run(request.run)
-            rows = [r for r in read_metrics(run_dir) if int(r["round"]) >= request.since_round]
+            rows = [r for r in metrics_rows(run_dir) if int(r["round"]) >= request.since_round]
             return adapter_service_pb2.RoundMetrics(run=name, rounds=[row_to_summary(r) for r in rows])
         except RunError as err:
             context.abort(err.code, str(err))
         except (KeyError, ValueError, TypeError) as err:
-            context.abort(grpc.StatusCode.DATA_LOSS, f"metrics.jsonl of run {request.run!r}: {err}")
+            context.abort(grpc.StatusCode.DATA_LOSS, f"{METRICS_FILE} of run {request.run!r}: {err}")
 
     def GetPrivacyReport(self, request, context) -> run_pb2.PrivacyReport:
         try:
             name, run_dir = self._run(request.run)
-            path = run_dir / PRIVACY_REPORT_FILE
+            path = run_dir / PRIVACY_REPORT_JSON
             if not path.is_file():
                 raise RunError(grpc.StatusCode.NOT_FOUND,
                                f"run {name!r} has no privacy report ({path} does not exist); runs without "

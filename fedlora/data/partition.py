@@ -40,6 +40,7 @@ from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Natu
 
 from fedlora.config import DatasetConfig
 from fedlora.data.records import DataError
+from fedlora.rundir.files import PARTITION_STATS_FILE
 
 ANSWER_STEPS = "answer_steps"
 """Derived ``partition_by`` column: number of non-empty lines in the response field."""
@@ -275,14 +276,14 @@ def format_partition_stats(stats: dict[str, Any], max_labels: int = 12) -> str:
     lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
     if labels and not shown:
         lines.append(
-            f"({len(labels)} distinct {stats['partition_by']} values: histograms in partition_stats.json)"
+            f"({len(labels)} distinct {stats['partition_by']} values: histograms in {PARTITION_STATS_FILE})"
         )
     return "\n".join(lines)
 
 
 def save_partition_stats(stats: dict[str, Any], run_dir: str | Path) -> Path:
     """Write ``<run_dir>/partition_stats.json`` and return its path."""
-    path = Path(run_dir) / "partition_stats.json"
+    path = Path(run_dir) / PARTITION_STATS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(stats, indent=2, sort_keys=False) + "\n")
     return path

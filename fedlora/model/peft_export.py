@@ -20,6 +20,7 @@ from fedlora.adapters.lora import lora_scale
 from fedlora.adapters.state import AdapterState, LoraFactors
 from fedlora.aggregation.common import GlobalState
 from fedlora.config import AdapterConfig
+from fedlora.rundir.files import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE
 
 
 def save_peft_adapter(
@@ -52,8 +53,8 @@ def save_peft_adapter(
         "init_lora_weights": True,
         "modules_to_save": None,
     }
-    save_file(tensors, str(out / "adapter_model.safetensors"))
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    save_file(tensors, str(out / PEFT_WEIGHTS_FILE))
+    (out / PEFT_CONFIG_FILE).write_text(json.dumps(config, indent=2))
     return out
 
 

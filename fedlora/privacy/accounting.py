@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.config import ConfigError, DPConfig, TrainConfig
+from fedlora.rundir.files import CLIENT_PRIVACY_FILE, CLIENTS_DIR
 
 STATE_VERSION = 1
 STATE_KEY = "fedlora.privacy"
@@ -372,7 +373,7 @@ def client_state_path(run_dir: str | Path, partition_id: int | str, env: dict[st
     env = os.environ if env is None else env
     if env.get(STATE_DIR_ENV):
         return Path(env[STATE_DIR_ENV]) / f"client-{partition_id}.json"
-    return Path(run_dir) / "clients" / str(partition_id) / "privacy.json"
+    return Path(run_dir) / CLIENTS_DIR / str(partition_id) / CLIENT_PRIVACY_FILE
 
 
 def save_state(state: AccountantState, path: str | Path) -> Path:

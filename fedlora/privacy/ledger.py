@@ -26,10 +26,10 @@ from typing import Any
 
 from fedlora.config import FedloraConfig
 from fedlora.privacy.accounting import AccountantState, PrivacyError
+from fedlora.rundir.files import LEDGER_FILE
 
 logger = logging.getLogger(__name__)
 
-LEDGER_FILE = "privacy_ledger.jsonl"
 KINDS = ("run", "example", "client_level")
 
 

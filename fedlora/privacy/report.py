@@ -27,10 +27,7 @@ from typing import Any
 
 from fedlora.privacy.accounting import PrivacyError, epsilon_prv, epsilon_rdp, headline_epsilon
 from fedlora.privacy.ledger import LedgerView, ledger_path, read_ledger, replay
-
-REPORT_JSON = "privacy_report.json"
-REPORT_MD = "privacy_report.md"
-REPORT_PLOT = "epsilon.png"
+from fedlora.rundir.files import PRIVACY_PLOT_FILE, PRIVACY_REPORT_JSON, PRIVACY_REPORT_MD
 
 ADJACENCY = {
     "example": "add/remove one training example of one client (Poisson sampling, as Opacus' accountants assume)",
@@ -307,14 +304,14 @@ def write_privacy_report(run_dir: str | Path) -> dict[str, Path]:
     """Write the three files into ``run_dir`` (each atomically); returns {json, markdown, plot}."""
     run_dir = Path(run_dir)
     report = build_privacy_report(run_dir)
-    paths = {"json": run_dir / REPORT_JSON, "markdown": run_dir / REPORT_MD}
+    paths = {"json": run_dir / PRIVACY_REPORT_JSON, "markdown": run_dir / PRIVACY_REPORT_MD}
     for key, text in (("json", json.dumps(report, indent=2)), ("markdown", render_markdown(report))):
         tmp = paths[key].with_suffix(paths[key].suffix + ".tmp")
         tmp.write_text(text)
         tmp.replace(paths[key])
-    tmp_plot = run_dir / (REPORT_PLOT + ".tmp.png")
-    plot_epsilon(report, tmp_plot).replace(run_dir / REPORT_PLOT)
-    paths["plot"] = run_dir / REPORT_PLOT
+    tmp_plot = run_dir / (PRIVACY_PLOT_FILE + ".tmp.png")
+    plot_epsilon(report, tmp_plot).replace(run_dir / PRIVACY_PLOT_FILE)
+    paths["plot"] = run_dir / PRIVACY_PLOT_FILE
     return paths
 
 

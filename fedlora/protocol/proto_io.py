@@ -31,8 +31,7 @@ from fedlora.protocol.compression import CompressedTensor, check_scheme, compres
 from fedlora.model.peft_export import export_state
 from fedlora.proto.v1 import adapter_pb2 as pb
 from fedlora.proto.v1 import run_pb2
-
-GLOBAL_ADAPTER_FILE = "global_adapter.pb"
+from fedlora.rundir.files import GLOBAL_ADAPTER_FILE
 
 
 class ProtoError(ValueError):

@@ -44,13 +44,19 @@ from fedlora.adapters.state import LoraFactors
 from fedlora.aggregation.common import GlobalState
 from fedlora.aggregation.padding import DenseTerm
 from fedlora.config import unflatten
+from fedlora.rundir.files import (
+    CHECKPOINT_MANIFEST_FILE,
+    CHECKPOINT_STATE_FILE,
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    LEDGER_FILE,
+    ledger_entries_since,  # noqa: F401  (re-exported: server/loop.py imports it from here)
+    ledger_position,
+)
 
 FORMAT_VERSION = 1
-CHECKPOINTS = "checkpoints"
 KEEP = 2
 """Round directories kept: the newest, and one before it in case the newest is damaged."""
-STATE_FILE, MANIFEST_FILE = "state.safetensors", "manifest.json"
-LEDGER_FILE = "privacy_ledger.jsonl"  # fedlora.privacy.ledger.LEDGER_FILE (no import: keep this module light)
 
 MAY_CHANGE = ("num_rounds", "run_dir", "resume", "eval", "model.device", "model.cache_dir", "client_cpus",
               "client_gpus", "client_rank_tiers", "strategy.round_timeout", "strategy.max_reply_bytes")
@@ -238,34 +244,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def ledger_position(run_dir: str | Path) -> dict[str, int]:
-    """Bytes and complete lines of the run's privacy ledger now (zeros when there is none)."""
-    path = Path(run_dir) / LEDGER_FILE
-    if not path.exists():
-        return {"bytes": 0, "entries": 0}
-    data = path.read_bytes()
-    return {"bytes": len(data), "entries": data.count(b"\n")}
-
-
-def ledger_entries_since(run_dir: str | Path, position: dict[str, int]) -> int:
-    """Client and server privacy entries (not ``run`` entries) appended after ``position``."""
-    path = Path(run_dir) / LEDGER_FILE
-    if not path.exists():
-        return 0
-    with open(path, "rb") as f:
-        f.seek(position["bytes"])
-        tail = f.read().decode(errors="replace")
-    count = 0
-    for line in tail.splitlines():
-        try:
-            count += json.loads(line).get("kind") != "run"
-        except (json.JSONDecodeError, AttributeError):
-            continue
-    return count
-
-
 def round_dir(run_dir: str | Path, rnd: int) -> Path:
-    return Path(run_dir) / CHECKPOINTS / f"round-{rnd:05d}"
+    return Path(run_dir) / CHECKPOINTS_DIR / f"round-{rnd:05d}"
 
 
 def _manifest_digest(manifest: dict[str, Any]) -> str:
@@ -284,16 +264,16 @@ def save_checkpoint(run_dir: str | Path, ckpt: Checkpoint, keep: int = KEEP) -> 
     try:
         tree, tensors = encode_state(ckpt.state)
         tensors.update(ckpt.rng_tensors)
-        save_file(tensors, str(tmp / STATE_FILE), metadata={"format_version": str(FORMAT_VERSION)})
-        with open(tmp / STATE_FILE, "rb+") as f:
+        save_file(tensors, str(tmp / CHECKPOINT_STATE_FILE), metadata={"format_version": str(FORMAT_VERSION)})
+        with open(tmp / CHECKPOINT_STATE_FILE, "rb+") as f:
             os.fsync(f.fileno())
         manifest = {
             "format_version": FORMAT_VERSION, "round": ckpt.round, "fingerprint": fingerprint(ckpt.config),
             "config": ckpt.config, "state": tree, "rng": ckpt.rng, "ledger": ckpt.ledger, "server": ckpt.server, "metrics": ckpt.metrics,
-            "files": {STATE_FILE: {"sha256": _sha256_file(tmp / STATE_FILE), "bytes": (tmp / STATE_FILE).stat().st_size}},
+            "files": {CHECKPOINT_STATE_FILE: {"sha256": _sha256_file(tmp / CHECKPOINT_STATE_FILE), "bytes": (tmp / CHECKPOINT_STATE_FILE).stat().st_size}},
         }  # fmt: skip
         manifest["manifest_sha256"] = _manifest_digest(manifest)
-        with open(tmp / MANIFEST_FILE, "w") as f:
+        with open(tmp / CHECKPOINT_MANIFEST_FILE, "w") as f:
             f.write(json.dumps(manifest, indent=1, default=str))
             f.flush()
             os.fsync(f.fileno())
@@ -317,7 +297,7 @@ def save_checkpoint(run_dir: str | Path, ckpt: Checkpoint, keep: int = KEEP) -> 
 
 def round_dirs(run_dir: str | Path) -> list[Path]:
     """Complete checkpoint directories, oldest first."""
-    root = Path(run_dir) / CHECKPOINTS
+    root = Path(run_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("round-") and p.name[6:].isdigit()]
@@ -328,20 +308,20 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read and verify one round directory; raises :class:`CheckpointError` naming what is wrong."""
     path = Path(path)
     try:
-        manifest = json.loads((path / MANIFEST_FILE).read_text())
+        manifest = json.loads((path / CHECKPOINT_MANIFEST_FILE).read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{path} has no {MANIFEST_FILE}") from None
+        raise CheckpointError(f"{path} has no {CHECKPOINT_MANIFEST_FILE}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path / MANIFEST_FILE} is not valid JSON (truncated or damaged: {err})") from None
+        raise CheckpointError(f"{path / CHECKPOINT_MANIFEST_FILE} is not valid JSON (truncated or damaged: {err})") from None
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{path} has checkpoint format {version!r}; this fedlora reads format {FORMAT_VERSION} "
                               "(use the fedlora version that wrote it)")
     if manifest.get("manifest_sha256") != _manifest_digest(manifest):
-        raise CheckpointError(f"{path / MANIFEST_FILE} fails its sha256 check (edited or damaged)")
+        raise CheckpointError(f"{path / CHECKPOINT_MANIFEST_FILE} fails its sha256 check (edited or damaged)")
     files = manifest.get("files")
-    if not isinstance(files, dict) or STATE_FILE not in files:
-        raise CheckpointError(f"{path / MANIFEST_FILE} does not list {STATE_FILE}")
+    if not isinstance(files, dict) or CHECKPOINT_STATE_FILE not in files:
+        raise CheckpointError(f"{path / CHECKPOINT_MANIFEST_FILE} does not list {CHECKPOINT_STATE_FILE}")
     for name, meta in files.items():
         file = path / name
         if not file.is_file():
@@ -352,7 +332,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         if _sha256_file(file) != meta["sha256"]:
             raise CheckpointError(f"{file} fails its sha256 check (damaged)")
     try:
-        tensors = load_file(str(path / STATE_FILE))
+        tensors = load_file(str(path / CHECKPOINT_STATE_FILE))
         state = decode_state(manifest["state"], tensors)
         return Checkpoint(
             round=int(manifest["round"]), state=state, config=manifest["config"], metrics=manifest["metrics"],
@@ -360,7 +340,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             ledger=manifest["ledger"], server=manifest["server"], path=path,
         )  # fmt: skip
     except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{path / STATE_FILE} cannot be read: {err}") from None
+        raise CheckpointError(f"{path / CHECKPOINT_STATE_FILE} cannot be read: {err}") from None
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{path} does not hold a complete server state (missing {err})") from None
 
@@ -375,7 +355,7 @@ def check_compatible(ckpt: Checkpoint, config: dict[str, Any], run_dir: Path) ->
         more = f" (and {len(diff) - 6} more)" if len(diff) > 6 else ""
         raise CheckpointError(
             f"checkpoint {ckpt.path} belongs to a different run configuration: {shown}{more}. Resume with the "
-            f"settings in {run_dir / 'config.yaml'} (a resumed run may change only {', '.join(MAY_CHANGE)}), or "
+            f"settings in {run_dir / CONFIG_FILE} (a resumed run may change only {', '.join(MAY_CHANGE)}), or "
             "start a new run in a new directory"
         )
     planned, num_rounds = int(ckpt.config["num_rounds"]), int(config["num_rounds"])
@@ -400,7 +380,7 @@ def prepare_resume(run_dir: str | Path, config: dict[str, Any]) -> Checkpoint:
     dirs = round_dirs(run_dir)
     if not dirs:
         raise CheckpointError(
-            f"resume={run_dir}: no checkpoint in {run_dir / CHECKPOINTS} (the run stopped before round 0 was saved, "
+            f"resume={run_dir}: no checkpoint in {run_dir / CHECKPOINTS_DIR} (the run stopped before round 0 was saved, "
             "or it was made by a fedlora without checkpoints); start a new run"
         )
     newest = dirs[-1]
@@ -426,18 +406,6 @@ def prepare_resume(run_dir: str | Path, config: dict[str, Any]) -> Checkpoint:
             "Restore it from a backup before resuming"
         )
     return ckpt
-
-
-def write_metrics(run_dir: str | Path, rows: list[dict[str, Any]]) -> Path:
-    """Replace ``metrics.jsonl`` atomically with ``rows`` (a resume drops rows past its checkpoint)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    tmp = path.with_suffix(f".jsonl.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in rows))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
 
 
 def resume_config(saved: dict[str, Any], composed: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

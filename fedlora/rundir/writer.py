@@ -1,4 +1,5 @@
-"""A run directory and what goes in it: config, per-round metrics, table, summary, plot.
+"""Writing a run directory: config, per-round metrics, table, summary, plot, manifest, report
+(the file names are in :mod:`fedlora.rundir.files`, with the readers).
 
 ``metrics.jsonl`` holds one JSON object per round (round 0 = before any training); the console
 gets the same rows as a fixed-width table, and ``eval_loss.png`` plots them at the end.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import time
 from importlib import metadata
@@ -15,6 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from fedlora.rundir.files import (
+    CONFIG_FILE,
+    LOSS_PLOT_FILE,
+    MANIFEST_FILE,
+    METRICS_FILE,
+    PRIVACY_PLOT_FILE,
+    PRIVACY_REPORT_MD,
+    REPORT_FILE,
+    SUMMARY_FILE,
+)
 
 COLUMNS = [  # (key, header, format)
     ("round", "round", "{:>5d}"),
@@ -54,7 +67,7 @@ class RunWriter:
     def __init__(self, run_dir: str | Path) -> None:
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.metrics_path = self.dir / "metrics.jsonl"
+        self.metrics_path = self.dir / METRICS_FILE
         self.rows: list[dict[str, Any]] = []
         self.started = time.time()
 
@@ -66,10 +79,26 @@ class RunWriter:
         return path
 
     def write_config(self, config: dict[str, Any]) -> Path:
-        return self._write_atomic("config.yaml", yaml.safe_dump(config, sort_keys=False))
+        return self._write_atomic(CONFIG_FILE, yaml.safe_dump(config, sort_keys=False))
 
     def write_json(self, name: str, data: dict[str, Any]) -> Path:
         return self._write_atomic(name, json.dumps(data, indent=2, default=str))
+
+    def write_manifest(self, run_manifest: dict[str, Any]) -> Path:
+        """``manifest.json``: what :func:`manifest` returns."""
+        return self.write_json(MANIFEST_FILE, run_manifest)
+
+    def restore(self, rows: list[dict[str, Any]], wall_seconds: float) -> None:
+        """Continue a run from a checkpoint: its metrics rows (``metrics.jsonl`` is replaced, durably,
+        so rows written after the checkpoint are dropped) and its wall clock so far."""
+        self.rows = list(rows)
+        tmp = self.metrics_path.with_suffix(f"{self.metrics_path.suffix}.tmp{os.getpid()}")
+        with open(tmp, "w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in self.rows))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.metrics_path)
+        self.started = time.time() - wall_seconds
 
     def log_round(self, row: dict[str, Any]) -> None:
         """Append one round to ``metrics.jsonl`` and print it as a table row."""
@@ -115,7 +144,7 @@ class RunWriter:
             "versions": versions(),
             **extra,
         }
-        return self.write_json("summary.json", summary)
+        return self.write_json(SUMMARY_FILE, summary)
 
     def plot(self) -> Path | None:
         """``eval_loss.png``: eval and train loss per round."""
@@ -138,7 +167,7 @@ class RunWriter:
         ax.set_title(f"{self.rows[0].get('strategy', '')}: loss per round")
         ax.grid(alpha=0.3)
         ax.legend()
-        path = self.dir / "eval_loss.png"
+        path = self.dir / LOSS_PLOT_FILE
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
@@ -199,13 +228,13 @@ def write_report(run_dir: Path, config: dict[str, Any], partitions: str, rows: l
         f"Strategy **{summary.get('strategy')}** on **{summary.get('model')}** / **{summary.get('dataset')}**, "
         f"{len(rows) - 1} rounds; eval loss {summary.get('initial_eval_loss'):.4f} → {summary.get('final_eval_loss'):.4f}; "
         f"{human_bytes(summary.get('total_bytes_up', 0))} up, {human_bytes(summary.get('total_bytes_down', 0))} down.",
-        "## Rounds", markdown_table(rows), "![loss per round](eval_loss.png)",
+        "## Rounds", markdown_table(rows), f"![loss per round]({LOSS_PLOT_FILE})",
         "## Partitions", "```", partitions, "```",
     ]
-    if (run_dir / "privacy_report.md").is_file():
-        parts += ["## Privacy", "See [privacy_report.md](privacy_report.md).", "![epsilon](epsilon.png)"]
+    if (run_dir / PRIVACY_REPORT_MD).is_file():
+        parts += ["## Privacy", f"See [{PRIVACY_REPORT_MD}]({PRIVACY_REPORT_MD}).", f"![epsilon]({PRIVACY_PLOT_FILE})"]
     parts += ["## Configuration", "```yaml", yaml.safe_dump(config, sort_keys=False).strip(), "```",
               "## Reproducibility", "```json", json.dumps(run_manifest, indent=2), "```"]
-    path = run_dir / "report.md"
+    path = run_dir / REPORT_FILE
     path.write_text("\n\n".join(parts) + "\n")
     return path
