@@ -129,7 +129,7 @@ def _encode(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
         return value
     raise CheckpointError(
         f"cannot checkpoint {path} of type {type(value).__name__}; strategy state must be tensors, "
-        "LoraFactors, DenseTerm, numbers, strings and lists/dicts of them (HOUSE_STYLE §2)"
+        "LoraFactors, DenseTerm, numbers, strings and lists/dicts of them (docs/aggregation.md, 'Strategy state')"
     )
 
 
