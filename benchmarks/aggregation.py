@@ -56,6 +56,7 @@ from fedlora.adapters.state import LoraFactors  # noqa: E402
 from fedlora.aggregation import METHODS  # noqa: E402
 from fedlora.aggregation import padding  # noqa: E402
 from fedlora.config import config_from_dict  # noqa: E402
+from fedlora.memory import tensor_bytes  # noqa: E402
 from fedlora.protocol.messages import content_bytes, reply_content  # noqa: E402
 from fedlora_server.loop import Round  # noqa: E402
 from fedlora_server.strategy import make_strategy  # noqa: E402
@@ -110,28 +111,6 @@ def client_update(start: dict[str, LoraFactors], parts: tuple[str, ...], client:
     return out
 
 
-def held_bytes(obj, seen: set) -> int:
-    """Bytes of the tensors reachable from ``obj`` that are not in ``seen`` (each storage once)."""
-    if id(obj) in seen:
-        return 0
-    seen.add(id(obj))
-    if isinstance(obj, torch.Tensor):
-        key = ("storage", obj.untyped_storage().data_ptr())
-        if key in seen:
-            return 0
-        seen.add(key)
-        return obj.untyped_storage().nbytes()
-    if isinstance(obj, dict):
-        items = list(obj.keys()) + list(obj.values())
-    elif isinstance(obj, (list, tuple, set)):
-        items = list(obj)
-    elif hasattr(obj, "__dict__"):
-        items = list(vars(obj).values())
-    else:
-        return 0
-    return sum(held_bytes(item, seen) for item in items)
-
-
 # ---------------------------------------------------------------------------------------------
 # One cell, in its own process
 
@@ -173,10 +152,10 @@ def run_cell(strategy_name: str, n: int, blocks: int, rank: int, sketch_rank: in
         reply_sizes += size
         del content
     base = set()
-    held_bytes(state, base)  # the round's start: there before any reply
-    held_bytes(start, base)
-    aggregate_held = held_bytes(rnd.aggregate, set(base))
-    ideal_held = held_bytes(rnd.ideal, set(base))
+    tensor_bytes(state, base)  # the round's start: there before any reply
+    tensor_bytes(start, base)
+    aggregate_held = tensor_bytes(rnd.aggregate, set(base))
+    ideal_held = tensor_bytes(rnd.ideal, set(base))
     new_state = timed("finish", rnd.aggregate.finish)()
     reference = timed("ideal_result", rnd.ideal.result)()
     result_bytes = sum(padding.term_nbytes(f) for f in new_state.adapter.values())

@@ -103,8 +103,8 @@ class Round:
     state: GlobalState
     client_dp: bool = False
     """Client-level DP: updates are held, then clipped and noised together once all have arrived."""
-    accepted: int = 0
     weights: list[float] = field(default_factory=list)
+    """One per accepted reply."""
     train_losses: list[float] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
     bytes_up: int = 0
@@ -116,6 +116,10 @@ class Round:
 
     def __post_init__(self) -> None:
         self.aggregate = self.strategy.accumulator(self.state)
+
+    @property
+    def accepted(self) -> int:
+        return len(self.weights)
 
     def take(self, content: RecordDict, start: AdapterState, size: int, who: str) -> bool:
         """Check one train reply of ``size`` bytes from a client sent ``start`` and fold it in;
@@ -134,7 +138,6 @@ class Round:
         else:
             self.aggregate.add(update, weight)
         self.ideal.add(self.strategy.lift(self.state, update), weight)
-        self.accepted += 1
         self.weights.append(weight)
         self.train_losses.append(float(metrics["train_loss"]))
         self.train_seconds += float(metrics.get("train_seconds", 0.0))

@@ -32,14 +32,6 @@ METHODS: dict[str, Method] = _registry(fedavg, ffa, fedex, flora, fedsb, lorafai
 """``strategy=<name>`` → its declaration."""
 
 
-def get_method(name: str) -> Method:
-    """The method called ``name``; raises :class:`KeyError` naming the known ones."""
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise KeyError(f"strategy={name!r} is unknown; choose one of {', '.join(sorted(METHODS))}") from None
-
-
 def check_ranks(method: Method, ranks: list[int]) -> None:
     """Raise :class:`ConfigError` when ``ranks`` mix and ``method`` cannot aggregate mixed ranks."""
     if len(set(ranks)) > 1 and not method.mixed_ranks:
@@ -75,7 +67,6 @@ __all__ = [
     "Streaming",
     "aggregation_error",
     "check_ranks",
-    "get_method",
     "ideal_update",
     "normalize_weights",
     "resolve_method",

@@ -40,7 +40,7 @@ import torch
 from fedlora.adapters.state import AdapterState, LoraFactors
 from fedlora.aggregation import padding
 from fedlora.aggregation.common import GlobalState, normalize_weights
-from fedlora.aggregation.method import Buffered, ClientDP, Method
+from fedlora.aggregation.method import NEEDS_INDIVIDUAL_FACTORS, Buffered, ClientDP, Method
 
 
 def aggregate_layer(
@@ -94,7 +94,8 @@ METHOD = Method(
     mixed_ranks=True,  # zero-padding to r_max keeps the residual exact
     adapter_kind="lora",
     parts=("A", "B"),
-    client_dp=ClientDP(refused="FedEx-LoRA adds the residual Σ p_i·B_i·A_i − B̄·Ā: " + "it needs every client's individual factors (their products B_i·A_i), which the clipped-and-noised mean does not release; on the privatised mean alone it would silently degenerate" + " to FedAvg"),
+    client_dp=ClientDP(refused=f"FedEx-LoRA adds the residual Σ p_i·B_i·A_i − B̄·Ā: {NEEDS_INDIVIDUAL_FACTORS}"
+                       " to FedAvg"),
     weighted_sum=False,  # the residual is a sum of products B_i·A_i
     aggregation=Buffered(aggregate, why="the residual R = [B_1 … B_n, B̄]·[p_1·s_1·A_1; …; −s_g·Ā] is built "
                          "from every client's factors of a layer, kept factored (rank Σr_i + r_max)"),

@@ -31,7 +31,7 @@ from fedlora.adapters.lora import layer_generator
 from fedlora.adapters.state import AdapterState, LoraFactors
 from fedlora.aggregation import padding
 from fedlora.aggregation.common import AggregationError, GlobalState, normalize_weights
-from fedlora.aggregation.method import Buffered, ClientDP, Method
+from fedlora.aggregation.method import NEEDS_INDIVIDUAL_FACTORS, Buffered, ClientDP, Method
 
 
 def stack_layer(factors: Sequence[LoraFactors], p: Sequence[float]) -> padding.BaseTerm:
@@ -84,7 +84,8 @@ METHOD = Method(
     mixed_ranks=True,  # stacking takes any ranks natively
     adapter_kind="lora",
     parts=("A", "B"),
-    client_dp=ClientDP(refused="FLoRA stacks every client's B_i and A_i: " + "it needs every client's individual factors (their products B_i·A_i), which the clipped-and-noised mean does not release; on the privatised mean alone it would silently degenerate" + " to one noised update"),
+    client_dp=ClientDP(refused=f"FLoRA stacks every client's B_i and A_i: {NEEDS_INDIVIDUAL_FACTORS}"
+                       " to one noised update"),
     weighted_sum=False,  # the stack keeps each client's factors apart
     aggregation=Buffered(aggregate, why="the stack [B_1 … B_n]·[p_1·s_1·A_1; …] holds every client's factors "
                          "of a layer by construction"),

@@ -38,7 +38,7 @@ from fedlora.adapters.lora import layer_generator
 from fedlora.adapters.state import AdapterState, LoraFactors
 from fedlora.aggregation import padding
 from fedlora.aggregation.common import AggregationError, GlobalState, check_same_layout, normalize_weights
-from fedlora.aggregation.method import ClientDP, Method, Streaming
+from fedlora.aggregation.method import NEEDS_INDIVIDUAL_FACTORS, ClientDP, Method, Streaming
 
 DEFAULT_LAMBDA = 0.01
 DEFAULT_STEPS = 20
@@ -228,7 +228,6 @@ def finish(
     )
 
 
-
 METHOD = Method(
     name="lorafair",
     paper="Bian, Wang, Zhang & Xu, ICCV 2025, arXiv:2411.14961",
@@ -236,8 +235,8 @@ METHOD = Method(
     mixed_ranks=False,  # the paper's setting
     adapter_kind="lora",
     parts=("A", "B"),
-    client_dp=ClientDP(refused="LoRA-FAIR corrects B̄ towards T = Σ p_i·s_i·B_i·A_i: " + "it needs every client's individual factors (their products B_i·A_i), which the clipped-and-noised mean does not release; on the privatised mean alone it would silently degenerate"
-                       + " (its correction is then exactly zero, i.e. FedAvg)"),
+    client_dp=ClientDP(refused=f"LoRA-FAIR corrects B̄ towards T = Σ p_i·s_i·B_i·A_i: {NEEDS_INDIVIDUAL_FACTORS}"
+                       " (its correction is then exactly zero, i.e. FedAvg)"),
     weighted_sum=False,  # T is a sum of products B_i·A_i, not of what clients send
     aggregation=Streaming(accumulator, finish),
     slice_for_rank=padding.slice_for_rank,

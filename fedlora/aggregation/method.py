@@ -60,6 +60,14 @@ class ClientDP:
     refused: str = ""
 
 
+NEEDS_INDIVIDUAL_FACTORS = (
+    "it needs every client's individual factors (their products B_i·A_i), which the clipped-and-noised "
+    "mean does not release; on the privatised mean alone it would silently degenerate"
+)
+"""Why client-level DP refuses the methods whose aggregate uses each client's B_i·A_i (the common
+part of their :attr:`ClientDP.refused`)."""
+
+
 def plain_initial_state(adapter: AdapterState, extras: dict[str, Any]) -> GlobalState:
     """Round 0 from the server model's freshly initialised rank-r_max adapter, unchanged."""
     return GlobalState(adapter=adapter, extras=dict(extras))
