@@ -1,8 +1,8 @@
 """Server-side aggregation cost per strategy on Llama-2-7B-shaped adapters, through the server's
 own reply path.
 
-    /work/venv/bin/python benchmarks/aggregation.py            # 32 blocks, 10 and 100 clients
-    /work/venv/bin/python benchmarks/aggregation.py --quick    # 2 blocks: a fast check
+    python benchmarks/aggregation.py            # 32 blocks, 10 and 100 clients
+    python benchmarks/aggregation.py --quick    # 2 blocks: a fast check
     python benchmarks/aggregation.py --blocks 1 --modules q_proj --clients 4,32   # ~8 min on 2 shared cores
 
 Shapes: per block q, k, v, o (4096×4096), gate, up (11008×4096) and down (4096×11008), as
