@@ -54,7 +54,7 @@ sys.path.insert(0, str(ROOT))
 
 from fedlora.adapters.state import LoraFactors  # noqa: E402
 from fedlora.aggregation import METHODS  # noqa: E402
-from fedlora.aggregation import padding  # noqa: E402
+from fedlora.aggregation import terms  # noqa: E402
 from fedlora.config import config_from_dict  # noqa: E402
 from fedlora.memory import tensor_bytes  # noqa: E402
 from fedlora.protocol.messages import content_bytes, reply_content  # noqa: E402
@@ -158,8 +158,8 @@ def run_cell(strategy_name: str, n: int, blocks: int, rank: int, sketch_rank: in
     ideal_held = tensor_bytes(rnd.ideal, set(base))
     new_state = timed("finish", rnd.aggregate.finish)()
     reference = timed("ideal_result", rnd.ideal.result)()
-    result_bytes = sum(padding.term_nbytes(f) for f in new_state.adapter.values())
-    result_bytes += sum(padding.term_nbytes(t) for ts in new_state.base_terms.values() for t in ts)
+    result_bytes = sum(terms.term_nbytes(f) for f in new_state.adapter.values())
+    result_bytes += sum(terms.term_nbytes(t) for ts in new_state.base_terms.values() for t in ts)
     del reference
     return {
         "strategy": strategy_name,

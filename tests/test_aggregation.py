@@ -19,7 +19,7 @@ from torch import nn
 from fedlora.adapters import FrozenALoRALinear, LoRALinear, LoraFactors, inject_adapters
 from fedlora.adapters.sb import SBLinear
 from fedlora.aggregation import AggregationError, GlobalState, aggregation_error, round_update
-from fedlora.aggregation import fedavg, fedex, fedsb, ffa, flora, hetlora, lorafair, padding
+from fedlora.aggregation import fedavg, fedex, fedsb, ffa, flora, hetlora, lorafair, padding, terms
 from fedlora.aggregation.common import normalize_weights
 from fedlora.config import AdapterConfig
 
@@ -285,8 +285,8 @@ def test_fedex_keeps_the_residual_factored_when_smaller_else_dense():
     # Assert
     big, small = after.base_terms["big"][0], after.base_terms["small"][0]
     assert isinstance(big, LoraFactors) and big.rank == 4 * 2 and big.scale == 1.0
-    assert isinstance(small, padding.DenseTerm) and small.weight.shape == (12, 12)
-    assert padding.term_nbytes(big) == 4 * 8 * (64 + 48) < 4 * 64 * 48
+    assert isinstance(small, terms.DenseTerm) and small.weight.shape == (12, 12)
+    assert terms.term_nbytes(big) == 4 * 8 * (64 + 48) < 4 * 64 * 48
     ref = _reference(deltas, [1, 2, 3])
     assert aggregation_error(round_update(before, after), ref) < 1e-5
 
@@ -561,11 +561,11 @@ def test_side_terms_and_slicing_helpers():
     g = torch.Generator().manual_seed(30)
     B, A = torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randn(5, 4, generator=g, dtype=torch.float64)
     # Execute
-    dense = padding.compact_term(B, A, 2.0)  # 5·(6+4) = 50 > 24: dense
-    factored = padding.compact_term(B[:, :1], A[:1], 2.0)  # 1·10 ≤ 24: factored
+    dense = terms.compact_term(B, A, 2.0)  # 5·(6+4) = 50 > 24: dense
+    factored = terms.compact_term(B[:, :1], A[:1], 2.0)  # 1·10 ≤ 24: factored
     state = GlobalState({"l": LoraFactors(A[:2].float(), B[:, :2].float(), 1.0)}, extras={"rank_scales": {2: 1.0}})
     # Assert
-    assert isinstance(dense, padding.DenseTerm) and isinstance(factored, LoraFactors)
+    assert isinstance(dense, terms.DenseTerm) and isinstance(factored, LoraFactors)
     torch.testing.assert_close(dense.delta(torch.float64), 2.0 * B @ A, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(dense.B @ dense.A, dense.weight)  # LoraFactors-like view
     up = padding.slice_for_rank(state, 3, scale=0.5)["l"]  # more rank: zero B column, fresh A row

@@ -86,3 +86,41 @@ def test_the_scan_sees_every_package_and_reads_lazy_imports():
 
 def test_layering_rules_hold():
     assert _violations() == []
+
+
+def _module_level_imports(path: Path, module: str, modules: set[str]) -> set[str]:
+    """The modules of ours that ``module`` depends on as a whole: imports at its top level and under
+    ``if TYPE_CHECKING`` (a type-only circle is still a circle; imports inside functions are the
+    way to break one on purpose), each ``from P import name`` resolved to the submodule ``P.name``
+    when that is a module of ours."""
+    found = set()
+    body = ast.parse(path.read_text(), filename=str(path)).body
+    body += [n for node in body if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+             for n in node.body]
+    for node in body:
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            subs = {f"{node.module}.{alias.name}" for alias in node.names} & modules
+            found.update(subs or {node.module})
+    return found & modules
+
+
+def test_no_import_cycles_between_modules():
+    modules = _modules()
+    graph = {m: _module_level_imports(p, m, set(modules)) for m, p in modules.items()}
+    cycles, state = [], {}
+
+    def visit(m: str, trail: list[str]) -> None:
+        state[m] = "open"
+        for n in sorted(graph[m]):
+            if state.get(n) == "open" and not _under(m, (n,)):  # a package importing its own parent: fine
+                cycles.append(" → ".join(trail[trail.index(n):] + [m, n]) if n in trail else f"{m} → {n}")
+            elif n not in state:
+                visit(n, [*trail, m])
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [])
+    assert cycles == []

@@ -12,7 +12,7 @@ import torch
 
 from fedlora.adapters import LoraFactors
 from fedlora.aggregation import GlobalState
-from fedlora.aggregation.padding import DenseTerm
+from fedlora.aggregation.terms import DenseTerm
 from fedlora.protocol.compression import roundtrip
 from fedlora.model.peft_export import export_state
 from fedlora.proto import generate

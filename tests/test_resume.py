@@ -229,7 +229,7 @@ def test_resume_checks_rounds_budget_and_ledger(finished_run):
 
 def synthetic_checkpoint(tmp_path: Path, rnd: int = 1, **config):
     from fedlora.aggregation import fedsb
-    from fedlora.aggregation.padding import DenseTerm
+    from fedlora.aggregation.terms import DenseTerm
     from fedlora.rundir.checkpoint import Checkpoint, capture_rng, save_checkpoint
     import random
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from fedlora.adapters.state import AdapterState, LoraFactors, layout_mismatch
+from fedlora.aggregation.terms import DenseTerm
 
-if TYPE_CHECKING:  # padding imports this module
-    from fedlora.aggregation.padding import DenseTerm
 
 
 class AggregationError(ValueError):

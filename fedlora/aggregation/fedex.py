@@ -13,8 +13,8 @@ part of the ideal update the averages miss, to the frozen weight::
 R is built from the fp32-rounded Ā, B̄ the clients will actually receive, so the identity holds
 for the stored numbers, not only in exact arithmetic. R is kept factored — one
 :class:`LoraFactors` with p_i·s_i folded into the A blocks and scale 1 — and becomes a dense
-:class:`~fedlora.aggregation.padding.DenseTerm` only when rank·(d_out + d_in) > d_out·d_in
-(:func:`~fedlora.aggregation.padding.stacked_term`). Every product is ``B @ A`` in nn.Linear layout
+:class:`~fedlora.aggregation.terms.DenseTerm` only when rank·(d_out + d_in) > d_out·d_in
+(:func:`~fedlora.aggregation.terms.stacked_term`). Every product is ``B @ A`` in nn.Linear layout
 (d_out, d_in), which is what the paper's GPT-2 Conv1D code gets wrong for square layers.
 
 Quantized base: W cannot absorb R without re-quantising, so R is never added to W here; it stays a
@@ -38,14 +38,14 @@ from collections.abc import Sequence
 import torch
 
 from fedlora.adapters.state import AdapterState, LoraFactors
-from fedlora.aggregation import padding
+from fedlora.aggregation import padding, terms
 from fedlora.aggregation.common import GlobalState, normalize_weights
 from fedlora.aggregation.method import NEEDS_INDIVIDUAL_FACTORS, Buffered, ClientDP, Method
 
 
 def aggregate_layer(
     factors: Sequence[LoraFactors], p: Sequence[float], *, floor: int, scale: float
-) -> tuple[LoraFactors, padding.BaseTerm]:
+) -> tuple[LoraFactors, terms.BaseTerm]:
     """One layer: the global adapter (Ā, B̄ at r_max, scale ``scale`` = s_g) and the residual term.
 
     ``p`` are normalised weights; ``floor`` is the rank above which B̄'s columns go into R.
@@ -63,7 +63,7 @@ def aggregate_layer(
 
     # R = [B_1 … B_n, B̄]·[p_1 s_1 A_1; …; p_n s_n A_n; −s_g Ā]  (rank Σr_i + r_max)
     parts = [(f.B, f.A, p_i * f.scale) for f, p_i in zip(factors, p) if p_i > 0] + [(b32, a32, -scale)]
-    return LoraFactors(a32, b32, scale), padding.stacked_term(parts)
+    return LoraFactors(a32, b32, scale), terms.stacked_term(parts)
 
 
 def aggregate(
@@ -76,7 +76,7 @@ def aggregate(
     rank_scales = padding.seen_scales(updates)
     floor = padding.floor_rank(state.extras, list(rank_scales))
     adapter: AdapterState = {}
-    residuals: dict[str, list[padding.BaseTerm]] = {}
+    residuals: dict[str, list[terms.BaseTerm]] = {}
     for name, factors in layers.items():
         adapter[name], residual = aggregate_layer(factors, p, floor=floor, scale=scales[name])
         residuals[name] = [residual]

@@ -41,7 +41,7 @@ import torch
 from fedlora.adapters.lora import layer_generator
 from fedlora.adapters.sb import data_free_frame
 from fedlora.adapters.state import AdapterState, LoraFactors
-from fedlora.aggregation import padding
+from fedlora.aggregation import padding, terms
 from fedlora.aggregation.common import AggregationError, GlobalState
 from fedlora.aggregation.method import ClientDP, Method, Streaming
 
@@ -168,7 +168,7 @@ def finish(state: GlobalState, acc: FedSBAccumulator) -> GlobalState:
     floor = padding.floor_rank(state.extras, list(acc.rank_scales))
     adapter: AdapterState = {}
     cores: dict[str, LoraFactors] = {}
-    folded: dict[str, list[padding.BaseTerm]] = {}
+    folded: dict[str, list[terms.BaseTerm]] = {}
     for name, mean in acc.result().items():
         B_f, A_f = frame[name]["B"], frame[name]["A"]
         r_frame = B_f.shape[1]
@@ -182,7 +182,7 @@ def finish(state: GlobalState, acc: FedSBAccumulator) -> GlobalState:
         cores[name] = LoraFactors((R - outside).to(torch.float32), torch.eye(r_frame), s_frame)
         adapter[name] = _lift(frame[name], cores[name])
         if torch.count_nonzero(outside):
-            term = padding.compact_term(B_f.to(torch.float64), outside @ A_f.to(torch.float64), s_frame)
+            term = terms.compact_term(B_f.to(torch.float64), outside @ A_f.to(torch.float64), s_frame)
             folded[name] = [term]
     return GlobalState(
         adapter=adapter,

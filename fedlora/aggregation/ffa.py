@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 
 from fedlora.adapters.state import AdapterState, LoraFactors
-from fedlora.aggregation import padding
+from fedlora.aggregation import padding, terms
 from fedlora.aggregation.common import AggregationError, GlobalState
 from fedlora.aggregation.method import ClientDP, Method, Streaming
 
@@ -112,7 +112,7 @@ def finish(state: GlobalState, acc: FFAAccumulator) -> GlobalState:
     """The next global state from a filled accumulator."""
     floor = padding.floor_rank(state.extras, list(acc.rank_scales))
     adapter: AdapterState = {}
-    folded: dict[str, list[padding.BaseTerm]] = {}
+    folded: dict[str, list[terms.BaseTerm]] = {}
     for name, f in acc.result().items():
         kept_B, dropped = padding.split_columns(f.B, f.A, floor, f.scale)
         adapter[name] = LoraFactors(f.A, kept_B, f.scale)

@@ -9,7 +9,7 @@ Clients may train different ranks r_i. The server stacks the factors instead of 
     B_stack·A_stack = Σ p_i·s_i·B_i·A_i = ΔW*       (exact, scale 1)
 
 The stack is merged into the base (appended to ``base_terms`` — factored, or dense when that is
-smaller, see :func:`~fedlora.aggregation.padding.stacked_term`) and every client starts the next
+smaller, see :func:`~fedlora.aggregation.terms.stacked_term`) and every client starts the next
 round from a fresh LoRA at its own rank: B = 0 and A drawn again from (seed, round, layer), so the
 global adapter contributes nothing until trained. p_i·s_i live in the A blocks and the merge uses
 scale 1: no alpha trick, and no zero-padding baseline with another scale.
@@ -29,14 +29,14 @@ import torch
 
 from fedlora.adapters.lora import layer_generator
 from fedlora.adapters.state import AdapterState, LoraFactors
-from fedlora.aggregation import padding
+from fedlora.aggregation import padding, terms
 from fedlora.aggregation.common import AggregationError, GlobalState, normalize_weights
 from fedlora.aggregation.method import NEEDS_INDIVIDUAL_FACTORS, Buffered, ClientDP, Method
 
 
-def stack_layer(factors: Sequence[LoraFactors], p: Sequence[float]) -> padding.BaseTerm:
+def stack_layer(factors: Sequence[LoraFactors], p: Sequence[float]) -> terms.BaseTerm:
     """One layer's exact merged update [B_1 … B_n]·[p_1 s_1 A_1; …] (clients with p_i = 0 skipped)."""
-    return padding.stacked_term([(f.B, f.A, p_i * f.scale) for f, p_i in zip(factors, p, strict=True) if p_i > 0])
+    return terms.stacked_term([(f.B, f.A, p_i * f.scale) for f, p_i in zip(factors, p, strict=True) if p_i > 0])
 
 
 def fresh_factors(name: str, d_out: int, d_in: int, rank: int, scale: float, *, seed: int, round: int) -> LoraFactors:
@@ -54,7 +54,7 @@ def aggregate(
     layers = padding.collect_layers(updates)
     scales = padding.global_scales(layers)
     extras = padding.next_extras(state, padding.seen_scales(updates))
-    stacks: dict[str, list[padding.BaseTerm]] = {}
+    stacks: dict[str, list[terms.BaseTerm]] = {}
     adapter: AdapterState = {}
     for name, factors in layers.items():
         stacks[name] = [stack_layer(factors, p)]

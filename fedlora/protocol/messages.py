@@ -24,7 +24,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedlora.adapters.state import AdapterState, arrays_to_state, state_to_arrays
-from fedlora.aggregation.padding import BaseTerm, DenseTerm
+from fedlora.aggregation.terms import BaseTerm, DenseTerm
 
 GLOBAL, BASE, FRAME, CONFIG, UPDATE, METRICS = "global", "base", "frame", "config", "update", "metrics"
 PRIVACY = "privacy"

@@ -26,7 +26,7 @@ import torch
 
 from fedlora.adapters.state import AdapterState, LoraFactors
 from fedlora.aggregation.common import GlobalState
-from fedlora.aggregation.padding import DenseTerm
+from fedlora.aggregation.terms import DenseTerm
 from fedlora.protocol.compression import CompressedTensor, check_scheme, compress_tensor, decompress_tensor
 from fedlora.model.peft_export import export_state
 from fedlora.proto.v1 import adapter_pb2 as pb

@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 
 from fedlora.adapters.state import LoraFactors
 from fedlora.aggregation.common import GlobalState
-from fedlora.aggregation.padding import DenseTerm
+from fedlora.aggregation.terms import DenseTerm
 from fedlora.config import unflatten
 from fedlora.rundir.files import (
     CHECKPOINT_MANIFEST_FILE,
