@@ -30,9 +30,10 @@ from fedlora.protocol.messages import (
     PRIVACY,
     QUERY,
     RANK,
-    SB_PROJECT,
     SB_SKETCH,
     SKETCH,
+    RoundConfig,
+    SBInitQuery,
     arrays_to_frame,
     from_array_record,
     read_train_content,
@@ -60,16 +61,16 @@ def _setup(msg: Message, context: Context, cfg: FedloraConfig | None):
     """The run config, this node's settings, and a private copy of the process's cached base with a
     fresh adapter loaded from the server's message (base terms applied to the copy only)."""
     cfg, node = _config(context, cfg)
-    rc = dict(msg.content[CONFIG])
-    model, tokenizer = build_model(cfg, rank=node.rank, kind=str(rc["adapter_kind"]), reuse=True)
-    if rc["adapter_kind"] == "sb":
+    rc = RoundConfig.from_record(msg.content[CONFIG])
+    model, tokenizer = build_model(cfg, rank=node.rank, kind=rc.adapter_kind, reuse=True)
+    if rc.adapter_kind == "sb":
         # The fixed frame arrives once; the node keeps it in its persistent state.
         if FRAME in msg.content:
             context.state[FRAME] = msg.content[FRAME]
         if FRAME not in context.state:
             raise RuntimeError("this node has no Fed-SB frame; the server must send it")
         set_sb_frame(model, arrays_to_frame(from_array_record(context.state[FRAME])))
-    start, base_terms, rc = read_train_content(msg.content, like=get_adapter_state(model))
+    start, base_terms = read_train_content(msg.content, like=get_adapter_state(model))
     apply_base_terms(model, base_terms)
     set_adapter_state(model, start)
     return cfg, node, model, tokenizer, rc
@@ -91,23 +92,21 @@ def train_private(model, examples, cfg: FedloraConfig, node: NodeSettings, conte
     return result, {"metrics": result.metrics(), "entry": json.dumps(entry)}
 
 
-def sb_init_pass(cfg: FedloraConfig, node: NodeSettings, msg: Message, rc: dict) -> RecordDict:
+def sb_init_pass(cfg: FedloraConfig, node: NodeSettings, msg: Message, q: SBInitQuery) -> RecordDict:
     """Fed-SB init: this client's gradient G_i on its first examples, sent only through thin
     sketches, Y_i = G_i·Ω (pass 1) or Z_i = Qᵀ·G_i (pass 2). The same examples are used in both
     passes, so G_i is the same matrix."""
     model, tokenizer = build_model(cfg, kind="lora", reuse=True)
-    examples = _examples(cfg, node, tokenizer, "train", limit=int(rc["n_examples"]))
+    examples = _examples(cfg, node, tokenizer, "train", limit=q.n_examples)
     grads = dense_gradients(model, examples, batch_size=cfg.train.batch_size, pad_id=tokenizer.pad_token_id)
-    if rc[QUERY] == SB_SKETCH:
+    if q.query == SB_SKETCH:
         out = {}
         for name, g in grads.items():
-            omega = draw_sketch(g.shape[1], min(int(rc["width"]), *g.shape), int(rc["seed"]))
+            omega = draw_sketch(g.shape[1], min(q.width, *g.shape), q.seed)
             out[name] = client_range_sketch(g, omega).numpy()
-    elif rc[QUERY] == SB_PROJECT:
+    else:  # SB_PROJECT (SBInitQuery.from_record admits no other)
         basis = from_array_record(msg.content[BASIS])
         out = {name: client_projection(g, torch.from_numpy(basis[name])).numpy() for name, g in grads.items()}
-    else:
-        raise ValueError(f"unknown query {rc[QUERY]!r}")
     return RecordDict({SKETCH: to_array_record(out), METRICS: MetricRecord({NUM_EXAMPLES: len(examples)})})
 
 
@@ -123,23 +122,22 @@ def make_client_app(cfg: FedloraConfig | None = None) -> ClientApp:
     def query(msg: Message, context: Context) -> Message:
         """Node discovery (partition, rank, data size), or a pass of Fed-SB's init round."""
         run_cfg, node = _config(context, cfg)
-        rc = dict(msg.content[CONFIG])
-        if rc[QUERY] == NODE_INFO:
+        if msg.content[CONFIG][QUERY] == NODE_INFO:
             train_ds = client_split(run_cfg, node.partition_id, node.num_partitions, node.data_path, "train")
             metrics = {PARTITION_ID: node.partition_id, RANK: node.rank, NUM_EXAMPLES: len(train_ds)}
             return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
-        return Message(sb_init_pass(run_cfg, node, msg, rc), reply_to=msg)
+        return Message(sb_init_pass(run_cfg, node, msg, SBInitQuery.from_record(msg.content[CONFIG])), reply_to=msg)
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
         run_cfg, node, model, tokenizer, rc = _setup(msg, context, cfg)
         examples = _examples(run_cfg, node, tokenizer, "train")
-        rnd, steps = int(rc["round"]), run_cfg.train.local_steps
+        rnd, steps = rc.round, run_cfg.train.local_steps
 
         def progress(step: int, loss: float) -> None:
             print(f"client {node.partition_id} round {rnd}: step {step}/{steps} loss {loss:.4f}", flush=True)
 
-        kwargs = dict(pad_id=tokenizer.pad_token_id, round_index=rnd, num_rounds=int(rc["num_rounds"]),
+        kwargs = dict(pad_id=tokenizer.pad_token_id, round_index=rnd, num_rounds=rc.num_rounds,
                       seed=client_seed(run_cfg, node, rnd), on_step=progress)
         privacy = None
         if run_cfg.dp.mode == "example":
@@ -148,8 +146,7 @@ def make_client_app(cfg: FedloraConfig | None = None) -> ClientApp:
             result = train_local(model, examples, run_cfg.train, **kwargs)
         metrics = {"num-examples": len(examples), "train_loss": result.loss, "train_tokens": result.tokens,
                    "train_seconds": result.seconds, "rank": node.rank, "partition-id": node.partition_id}
-        parts = tuple(str(rc["parts"]).split(","))
-        content = reply_content(get_adapter_state(model), metrics | (privacy or {}).get("metrics", {}), parts)
+        content = reply_content(get_adapter_state(model), metrics | (privacy or {}).get("metrics", {}), rc.parts)
         if privacy is not None:
             content[PRIVACY] = ConfigRecord({"entry": privacy["entry"]})
         return Message(content, reply_to=msg)

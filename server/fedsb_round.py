@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 import torch
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedlora.adapters.state import LoraFactors
@@ -21,10 +21,10 @@ from fedlora.protocol.messages import (
     CONFIG,
     METRICS,
     NUM_EXAMPLES,
-    QUERY,
     SB_PROJECT,
     SB_SKETCH,
     SKETCH,
+    SBInitQuery,
     content_bytes,
     from_array_record,
     to_array_record,
@@ -35,11 +35,11 @@ from fedlora_server.strategy import LoraStrategy, NodeInfo
 log = logging.getLogger("fedlora")
 
 
-def _ask(grid: Grid, nodes: list[NodeInfo], config: dict, arrays: dict | None, timeout) -> tuple[dict, dict, int, int]:
+def _ask(grid: Grid, nodes: list[NodeInfo], config: SBInitQuery, arrays: dict | None, timeout) -> tuple[dict, dict, int, int]:
     """Send one init query to every node; returns ({node: arrays}, {node: weight}, bytes down, up)."""
     messages, down = [], 0
     for node in nodes:
-        content = RecordDict({CONFIG: ConfigRecord(config)})
+        content = RecordDict({CONFIG: config.to_record()})
         if arrays is not None:
             content[BASIS] = to_array_record(arrays)
         down += content_bytes(content)
@@ -63,14 +63,16 @@ def federated_sb_init(grid: Grid, strategy: LoraStrategy, state: GlobalState, no
     width = rank + cfg.strategy.fedsb_oversample
     seed = cfg.adapter.init_seed
     timeout = cfg.strategy.round_timeout
-    base = {"n_examples": cfg.strategy.fedsb_init_examples, "seed": seed, "width": width}
-    ys, w1, down1, up1 = _ask(grid, nodes, {QUERY: SB_SKETCH, **base}, None, timeout)
+    def query(kind: str) -> SBInitQuery:
+        return SBInitQuery(kind, cfg.strategy.fedsb_init_examples, seed, width)
+
+    ys, w1, down1, up1 = _ask(grid, nodes, query(SB_SKETCH), None, timeout)
     if len(ys) < cfg.strategy.min_clients:
         raise RuntimeError(f"Fed-SB init: only {len(ys)} nodes answered the sketch pass")
     order = sorted(ys)
     layers = sorted(next(iter(ys.values())))
     basis = {n: server_range_basis([ys[i][n] for i in order], [w1[i] for i in order]) for n in layers}
-    zs, w2, down2, up2 = _ask(grid, [n for n in nodes if n.node_id in ys], {QUERY: SB_PROJECT, **base},
+    zs, w2, down2, up2 = _ask(grid, [n for n in nodes if n.node_id in ys], query(SB_PROJECT),
                               {n: q.numpy() for n, q in basis.items()}, timeout)
     order = sorted(zs)
     frame, core = {}, {}

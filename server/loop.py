@@ -151,9 +151,7 @@ def round_messages(strategy: LoraStrategy, state: GlobalState, nodes: list[NodeI
     messages = []
     for node in nodes:
         frame = strategy.frame_for(state, node.rank) if node.node_id not in frame_sent else None
-        config = {"round": rnd, "num_rounds": cfg.num_rounds, "strategy": strategy.name, "rank": node.rank,
-                  "adapter_kind": strategy.adapter_kind, "parts": ",".join(strategy.parts)}
-        content = train_content(starts[node.node_id], strategy.parts, state.base_terms, config, frame)
+        content = train_content(starts[node.node_id], state.base_terms, strategy.round_config(rnd, node.rank), frame)
         messages.append(Message(content=content, dst_node_id=node.node_id, message_type=message_type))
         if frame is not None:
             frame_sent.add(node.node_id)

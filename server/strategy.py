@@ -20,7 +20,7 @@ from fedlora.adapters.state import AdapterState, arrays_to_state, layout_mismatc
 from fedlora.aggregation import GlobalState, Method, RoundAggregate, resolve_method
 from fedlora.aggregation.common import AggregationError, normalize_weights
 from fedlora.config import FedloraConfig
-from fedlora.protocol.messages import METRICS, NUM_EXAMPLES, UPDATE, from_array_record
+from fedlora.protocol.messages import METRICS, NUM_EXAMPLES, UPDATE, RoundConfig, from_array_record
 
 
 @dataclass
@@ -79,6 +79,10 @@ class LoraStrategy:
         if "sb_frame" not in state.extras:
             return None
         return {n: (f["B"][:, :rank].contiguous(), f["A"][:rank].contiguous()) for n, f in state.extras["sb_frame"].items()}
+
+    def round_config(self, rnd: int, rank: int) -> RoundConfig:
+        """What a rank-``rank`` client is asked to do in round ``rnd``."""
+        return RoundConfig(rnd, self.cfg.num_rounds, self.name, rank, self.adapter_kind, self.parts)
 
     def start_for(self, state: GlobalState, rank: int) -> AdapterState:
         """The adapter a rank-``rank`` client starts its round from."""

@@ -60,15 +60,14 @@ def two_rounds(cfg, *, fresh: bool) -> dict:
     out = {"updates": [], "train_loss": [], "eval_loss": [], "base_terms": []}
     n = 0
     for rnd in (1, 2):
-        config = {"round": rnd, "num_rounds": cfg.num_rounds, "strategy": strategy.name, "rank": cfg.adapter.rank,
-                  "adapter_kind": strategy.adapter_kind, "parts": ",".join(strategy.parts)}
+        config = strategy.round_config(rnd, cfg.adapter.rank)
         out["base_terms"].append(sum(len(t) for t in state.base_terms.values()))
         acc = strategy.accumulator(state)
         for pid, context in enumerate(contexts):
             start = strategy.start_for(state, cfg.adapter.rank)
             if fresh:
                 clear_worker_cache()
-            reply = app(incoming(train_content(start, strategy.parts, state.base_terms, config), pid + 1,
+            reply = app(incoming(train_content(start, state.base_terms, config), pid + 1,
                                  MessageType.TRAIN, n := n + 1), context)
             assert not reply.has_error(), reply.error.reason
             arrays = from_array_record(reply.content[UPDATE])
@@ -80,7 +79,7 @@ def two_rounds(cfg, *, fresh: bool) -> dict:
             if fresh:
                 clear_worker_cache()
             start = strategy.start_for(state, cfg.adapter.rank)
-            reply = app(incoming(train_content(start, strategy.parts, state.base_terms, config), pid + 1,
+            reply = app(incoming(train_content(start, state.base_terms, config), pid + 1,
                                  MessageType.EVALUATE, n := n + 1), context)
             out["eval_loss"].append(float(reply.content[METRICS]["eval_loss"]))
     return out

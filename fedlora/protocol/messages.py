@@ -7,17 +7,19 @@ Both apps import this one module, so the keys live in one place. A train/evaluat
 - ``base``    (ArrayRecord, optional): exact terms folded into the frozen base (FedEx residuals,
   FLoRA stacks), factored ``term{k}.lora_A/B`` or dense ``term{k}.dense``;
 - ``frame``   (ArrayRecord, optional): a B·R·A adapter's fixed frame, sent once per client;
-- ``config``  (ConfigRecord): ``round``, ``num_rounds``, ``strategy``, ``adapter_kind``, ``rank``,
-  ``parts`` (the parts to send back, comma-separated).
+- ``config``  (ConfigRecord): a :class:`RoundConfig` (round, number of rounds, strategy, rank,
+  adapter kind, the parts to send back).
 
 A train reply holds ``update`` (ArrayRecord) and ``metrics`` (MetricRecord with ``num-examples``,
 ``train_loss`` …); an evaluate reply holds ``metrics`` only; a query reply (node discovery)
 holds ``metrics`` with ``partition-id``, ``rank`` and ``num-examples``. Fed-SB's init round is two
-more queries (``sb_sketch``, ``sb_project``): the server sends the range ``basis`` with the second,
-and each reply holds the client's ``sketch`` and ``metrics``.
+more queries, each a :class:`SBInitQuery` (``sb_sketch``, ``sb_project``): the server sends the range
+``basis`` with the second, and each reply holds the client's ``sketch`` and ``metrics``.
 """
 
 from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -38,6 +40,71 @@ NODE_INFO, SB_SKETCH, SB_PROJECT = "node-info", "sb_sketch", "sb_project"
 """Query names: node discovery; Fed-SB init pass 1 (Y_i = G_i·Ω) and pass 2 (Z_i = Qᵀ·G_i)."""
 NUM_EXAMPLES, PARTITION_ID, RANK = "num-examples", "partition-id", "rank"
 """Metric keys of a node-info reply (``num-examples`` is also every train reply's weight)."""
+
+
+class ProtocolError(ValueError):
+    """A message lacks what this fedlora version expects (the server and the client run different
+    versions, or something else sent it)."""
+
+
+def _fields_of(cls: type, record: ConfigRecord) -> dict:
+    data = dict(record)
+    missing = [f.name for f in fields(cls) if f.name not in data]
+    if missing:
+        raise ProtocolError(f"{cls.__name__} record lacks {missing} (has {sorted(data)}); run the same fedlora "
+                            "version on the server and every client")
+    return data
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    """The ``config`` record of a train or evaluate message: what the client is asked to do."""
+
+    round: int
+    """1-based round number (it drives the client's learning-rate schedule and seeds)."""
+    num_rounds: int
+    strategy: str
+    rank: int
+    """The client's LoRA rank r this round."""
+    adapter_kind: str
+    """``lora``, ``frozen_a`` or ``sb`` (see :data:`fedlora.aggregation.method.ADAPTER_KINDS`)."""
+    parts: tuple[str, ...]
+    """The adapter parts to send back (A and B; B; or R)."""
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord({**asdict(self), "parts": ",".join(self.parts)})
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> RoundConfig:
+        """Raises :class:`ProtocolError` naming missing keys."""
+        d = _fields_of(cls, record)
+        return cls(int(d["round"]), int(d["num_rounds"]), str(d["strategy"]), int(d["rank"]), str(d["adapter_kind"]),
+                   tuple(str(d["parts"]).split(",")))
+
+
+@dataclass(frozen=True)
+class SBInitQuery:
+    """The ``config`` record of a Fed-SB init query (both passes use the same examples and Ω)."""
+
+    query: str
+    """:data:`SB_SKETCH` (pass 1: Y_i = G_i·Ω) or :data:`SB_PROJECT` (pass 2: Z_i = Qᵀ·G_i)."""
+    n_examples: int
+    """The client's first ``n_examples`` training examples give its gradient G_i."""
+    seed: int
+    """Seed of the sketch Ω, drawn identically by every client."""
+    width: int
+    """k = r + oversampling columns of Ω."""
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord(asdict(self))
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> SBInitQuery:
+        """Raises :class:`ProtocolError` naming missing keys or an unknown pass."""
+        d = _fields_of(cls, record)
+        if d["query"] not in (SB_SKETCH, SB_PROJECT):
+            raise ProtocolError(f"unknown Fed-SB init query {d['query']!r}; expected {SB_SKETCH} or {SB_PROJECT}")
+        return cls(str(d["query"]), int(d["n_examples"]), int(d["seed"]), int(d["width"]))
 
 
 def to_array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
@@ -93,12 +160,13 @@ def arrays_to_frame(arrays: dict[str, np.ndarray]) -> dict[str, tuple[torch.Tens
 
 def train_content(
     start: AdapterState,
-    parts: tuple[str, ...],
     base_terms: dict[str, list[BaseTerm]],
-    config: dict,
+    config: RoundConfig,
     frame: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> RecordDict:
-    content = RecordDict({GLOBAL: to_array_record(state_to_arrays(start, parts)), CONFIG: ConfigRecord(config)})
+    """A train/evaluate message: the parts of ``start`` that ``config.parts`` names, the base terms,
+    the config, and the Fed-SB frame when given."""
+    content = RecordDict({GLOBAL: to_array_record(state_to_arrays(start, config.parts)), CONFIG: config.to_record()})
     if any(base_terms.values()):
         content[BASE] = to_array_record(base_terms_to_arrays(base_terms))
     if frame is not None:
@@ -106,11 +174,12 @@ def train_content(
     return content
 
 
-def read_train_content(content: RecordDict, like: AdapterState) -> tuple[AdapterState, dict[str, list[BaseTerm]], dict]:
-    """(start adapter, base terms, config); parts the payload leaves out come from ``like``."""
+def read_train_content(content: RecordDict, like: AdapterState) -> tuple[AdapterState, dict[str, list[BaseTerm]]]:
+    """(start adapter, base terms); parts the payload leaves out come from ``like``. The config is
+    :meth:`RoundConfig.from_record` of ``content[CONFIG]``."""
     adapter = arrays_to_state(from_array_record(content[GLOBAL]), like=like)
     base = arrays_to_base_terms(from_array_record(content[BASE])) if BASE in content else {}
-    return adapter, base, dict(content[CONFIG])
+    return adapter, base
 
 
 def reply_content(update: AdapterState | None, metrics: dict[str, float | int], parts: tuple[str, ...] = ("A", "B")) -> RecordDict:
