@@ -21,8 +21,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from fedlora.data.records import resolve_path
-
 
 class LRUCache:
     """A thread-safe least-recently-used map bounded by entry count and by a total ``weight``
@@ -80,11 +78,23 @@ EXAMPLES = LRUCache(max_entries=10_000, max_weight=EXAMPLE_TOKENS)
 
 _BUILT_ONCE: set[str] = set()
 """Bases built once in this process without being cached (see :func:`build_model`)."""
+REPORTED = LRUCache(max_entries=10_000)
+"""Keys of the one-time log lines this process has printed (:func:`first_time`); bounded, so a
+process that meets very many datasets or checkpoints may repeat a line rather than grow."""
+
+
+def first_time(key: str) -> bool:
+    """True the first time this process asks about ``key`` (a log line said once, not per round
+    or per load), False after that."""
+    if key in REPORTED:
+        return False
+    REPORTED.get(key, lambda: True)
+    return True
 
 
 def clear_worker_cache() -> None:
     """Forget every cached base, partition and tokenised example of this process."""
-    for cache in (BASES, PARTITIONS, EXAMPLES):
+    for cache in (BASES, PARTITIONS, EXAMPLES, REPORTED):
         cache.clear()
     _BUILT_ONCE.clear()
 
@@ -95,6 +105,8 @@ def worker_cache_info() -> dict[str, dict[str, float]]:
 
 def _file_stamp(path: str) -> tuple:
     """(size, mtime) of a local file, so an edited file is never served from the cache."""
+    from fedlora.data.records import resolve_path  # records imports this module to say lines once
+
     try:
         st = os.stat(resolve_path(path))
     except OSError:  # a hub name or a folder: keyed by name only

@@ -12,10 +12,10 @@ from flwr.common.logger import warn_deprecated_feature
 
 from fedlora.commands.simulate import without_run_simulation_notice
 from fedlora.config import DatasetConfig, ModelConfig
-from fedlora.data import records
 from fedlora.data.records import reports_shared_by_run, tokenize_dataset
 from fedlora.model.loading import load_model
 from fedlora.model.tiny import build_tiny_model
+from fedlora.worker_cache import REPORTED
 
 TRUNCATED = re.compile(r"(\d+ of \d+ examples exceed dataset\.max_length=\d+.*)")
 ROWS = [{"question": "q" * (20 + i), "answer": "a" * (30 + i)} for i in range(6)]
@@ -58,8 +58,8 @@ def _truncation_lines(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if "exceed dataset.max_length" in r.getMessage()]
 
 
-def test_truncation_is_reported_once_per_data_and_config(tokenizer, caplog, monkeypatch):
-    monkeypatch.setattr(records, "_REPORTED", set())
+def test_truncation_is_reported_once_per_data_and_config(tokenizer, caplog):
+    REPORTED.clear()
     ds, cfg = datasets.Dataset.from_list(ROWS), DatasetConfig(max_length=40)
     with caplog.at_level(logging.WARNING, logger="fedlora.data.records"):
         for _ in range(3):  # every round tokenises the same rows again
@@ -71,13 +71,13 @@ def test_truncation_is_reported_once_per_data_and_config(tokenizer, caplog, monk
     assert len(lines) == 3 and lines[1].startswith("4 of 4 ") and "max_length=48" in lines[2], lines
 
 
-def test_truncation_is_reported_once_across_processes_of_a_run(tokenizer, caplog, monkeypatch):
-    monkeypatch.setattr(records, "_REPORTED", set())
+def test_truncation_is_reported_once_across_processes_of_a_run(tokenizer, caplog):
+    REPORTED.clear()
     ds, cfg = datasets.Dataset.from_list(ROWS), DatasetConfig(max_length=40)
     with caplog.at_level(logging.WARNING, logger="fedlora.data.records"):
         with reports_shared_by_run():
             tokenize_dataset(ds, tokenizer, cfg)
-            records._REPORTED.clear()  # as if another worker of the same run tokenised them
+            REPORTED.clear()  # as if another worker of the same run tokenised them
             tokenize_dataset(ds, tokenizer, cfg)
         assert len(_truncation_lines(caplog)) == 1
         with reports_shared_by_run():  # the next run says it again

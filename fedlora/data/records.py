@@ -41,6 +41,7 @@ import datasets
 import torch
 
 from fedlora.config import DatasetConfig
+from fedlora.worker_cache import first_time
 
 logger = logging.getLogger(__name__)
 
@@ -328,10 +329,6 @@ REPORTS_DIR_ENV = "FEDLORA_REPORTS_DIR"
 """A folder the processes of one run share to print each one-time line once (see
 :func:`reports_shared_by_run`); unset, each process keeps its own record."""
 
-_REPORTED: set[tuple[str, str]] = set()
-"""(reports folder, key) of the truncation lines this process has printed."""
-
-
 def _truncation_key(cfg: DatasetConfig, tokenizer: Any, prompt_ids: list, response_ids: list) -> str:
     """The same in every process for the same rows, config and tokenizer: the rows' token lengths
     tell one client's partition (or split, or ``limit``) from another's."""
@@ -348,11 +345,8 @@ def _first_report(key: str) -> bool:
     the same line each time says nothing new. Without a shared folder: the first time in this
     process (bounded; a process that sees very many datasets may repeat a line)."""
     folder = os.environ.get(REPORTS_DIR_ENV, "")
-    if (folder, key) in _REPORTED:
+    if not first_time(f"truncation: {folder} {key}"):
         return False
-    if len(_REPORTED) >= 10_000:
-        _REPORTED.clear()
-    _REPORTED.add((folder, key))
     if folder:
         try:  # O_EXCL: exactly one process of the run creates the mark
             os.close(os.open(os.path.join(folder, key), os.O_CREAT | os.O_EXCL | os.O_WRONLY))

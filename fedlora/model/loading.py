@@ -40,6 +40,7 @@ from transformers.utils import logging as hf_logging
 
 from fedlora.config import ModelConfig
 from fedlora.model.tiny import build_tiny_model, build_tiny_tokenizer
+from fedlora.worker_cache import first_time
 
 logger = logging.getLogger(__name__)
 
@@ -292,10 +293,6 @@ def quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(level)
 
 
-_MISSING_REPORTED: set[str] = set()
-"""Checkpoints whose missing weights this process has already reported (once each, not per load)."""
-
-
 def _from_pretrained(name_or_path: str, dtype: torch.dtype) -> Loaded:
     try:
         with quiet_transformers():
@@ -307,8 +304,7 @@ def _from_pretrained(name_or_path: str, dtype: torch.dtype) -> Loaded:
         reason = str(err).splitlines()[0]  # the rest lists every supported config class
         raise ModelError(f"{name_or_path!r} is not a causal LM ({reason}); use a decoder-only model") from err
     missing = info.get("missing_keys") or []
-    if missing and name_or_path not in _MISSING_REPORTED:  # the one line of the LOAD REPORT that matters
-        _MISSING_REPORTED.add(name_or_path)
+    if missing and first_time(f"missing weights: {name_or_path}"):  # the LOAD REPORT line that matters, once
         logger.warning("%s: %d weight(s) not in the checkpoint were randomly initialised (e.g. %s)",
                        name_or_path, len(missing), ", ".join(sorted(missing)[:3]))
     return model, tokenizer
