@@ -22,16 +22,22 @@ from fedlora.training.evaluation import evaluate_loss
 from fedlora.protocol.messages import (
     BASIS,
     CONFIG,
+    EVAL_LOSS,
+    EVAL_TOKENS,
     FRAME,
     METRICS,
     NODE_INFO,
     NUM_EXAMPLES,
     PARTITION_ID,
     PRIVACY,
+    PRIVACY_ENTRY,
     QUERY,
     RANK,
     SB_SKETCH,
     SKETCH,
+    TRAIN_LOSS,
+    TRAIN_SECONDS,
+    TRAIN_TOKENS,
     RoundConfig,
     SBInitQuery,
     arrays_to_frame,
@@ -144,11 +150,11 @@ def make_client_app(cfg: FedloraConfig | None = None) -> ClientApp:
             result, privacy = train_private(model, examples, run_cfg, node, context, rnd, kwargs)
         else:
             result = train_local(model, examples, run_cfg.train, **kwargs)
-        metrics = {"num-examples": len(examples), "train_loss": result.loss, "train_tokens": result.tokens,
-                   "train_seconds": result.seconds, "rank": node.rank, "partition-id": node.partition_id}
+        metrics = {NUM_EXAMPLES: len(examples), TRAIN_LOSS: result.loss, TRAIN_TOKENS: result.tokens,
+                   TRAIN_SECONDS: result.seconds, RANK: node.rank, PARTITION_ID: node.partition_id}
         content = reply_content(get_adapter_state(model), metrics | (privacy or {}).get("metrics", {}), rc.parts)
         if privacy is not None:
-            content[PRIVACY] = ConfigRecord({"entry": privacy["entry"]})
+            content[PRIVACY] = ConfigRecord({PRIVACY_ENTRY: privacy["entry"]})
         return Message(content, reply_to=msg)
 
     @client_app.evaluate()
@@ -156,8 +162,8 @@ def make_client_app(cfg: FedloraConfig | None = None) -> ClientApp:
         run_cfg, node, model, tokenizer, _ = _setup(msg, context, cfg)
         examples = _examples(run_cfg, node, tokenizer, "eval", limit=run_cfg.eval.max_examples)
         result = evaluate_loss(model, examples, batch_size=run_cfg.eval.batch_size, pad_id=tokenizer.pad_token_id)
-        metrics = {"num-examples": len(examples), "eval_loss": result.loss, "eval_tokens": result.tokens,
-                   "partition-id": node.partition_id}
+        metrics = {NUM_EXAMPLES: len(examples), EVAL_LOSS: result.loss, EVAL_TOKENS: result.tokens,
+                   PARTITION_ID: node.partition_id}
         return Message(reply_content(None, metrics), reply_to=msg)
 
     return client_app

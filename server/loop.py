@@ -34,13 +34,18 @@ from fedlora.plan import RunPlan, plan_run
 from fedlora.privacy import ClientLevelDP, append_entry, run_entry, worst_epsilon, write_privacy_report
 from fedlora.protocol.messages import (
     CONFIG,
+    EVAL_LOSS,
+    EVAL_TOKENS,
     METRICS,
     NODE_INFO,
     NUM_EXAMPLES,
     PARTITION_ID,
     PRIVACY,
+    PRIVACY_ENTRY,
     QUERY,
     RANK,
+    TRAIN_LOSS,
+    TRAIN_SECONDS,
     content_bytes,
     train_content,
 )
@@ -139,8 +144,8 @@ class Round:
             self.aggregate.add(update, weight)
         self.ideal.add(self.strategy.lift(self.state, update), weight)
         self.weights.append(weight)
-        self.train_losses.append(float(metrics["train_loss"]))
-        self.train_seconds += float(metrics.get("train_seconds", 0.0))
+        self.train_losses.append(float(metrics[TRAIN_LOSS]))
+        self.train_seconds += float(metrics.get(TRAIN_SECONDS, 0.0))
         return True
 
 
@@ -163,7 +168,7 @@ def record_privacy(reply: Message, run_dir: Path) -> str | None:
     rejected); returns why the reply must be rejected when the entry cannot be read (the client's
     own accountant still holds its privacy cost)."""
     try:
-        append_entry(run_dir, json.loads(reply.content[PRIVACY]["entry"]))
+        append_entry(run_dir, json.loads(reply.content[PRIVACY][PRIVACY_ENTRY]))
     except (KeyError, TypeError, ValueError) as err:  # PrivacyError is a ValueError
         return f"malformed privacy entry ({short_error(str(err))})"
     return None
@@ -440,8 +445,8 @@ def client_eval(grid: Grid, strategy: LoraStrategy, state: GlobalState, nodes: l
             continue
         up += content_bytes(reply.content)
         m = reply.content[METRICS]
-        losses.append(float(m["eval_loss"]))
-        weights.append(float(m["eval_tokens"]))
+        losses.append(float(m[EVAL_LOSS]))
+        weights.append(float(m[EVAL_TOKENS]))
     if not losses:
         return {}
     return {"client_eval_loss": sum(l * w for l, w in zip(losses, weights)) / sum(weights),

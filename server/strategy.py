@@ -20,7 +20,7 @@ from fedlora.adapters.state import AdapterState, arrays_to_state, layout_mismatc
 from fedlora.aggregation import GlobalState, Method, RoundAggregate, resolve_method
 from fedlora.aggregation.common import AggregationError, normalize_weights
 from fedlora.config import FedloraConfig
-from fedlora.protocol.messages import METRICS, NUM_EXAMPLES, UPDATE, RoundConfig, from_array_record
+from fedlora.protocol.messages import METRICS, NUM_EXAMPLES, TRAIN_LOSS, UPDATE, RoundConfig, from_array_record
 
 
 @dataclass
@@ -155,7 +155,7 @@ class LoraStrategy:
         metrics = dict(content[METRICS])
         if metrics.get("declined"):
             return "declined to train (its privacy budget would be exceeded)", None, metrics
-        for key in (NUM_EXAMPLES, "train_loss"):
+        for key in (NUM_EXAMPLES, TRAIN_LOSS):
             value = metrics.get(key)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or (key == NUM_EXAMPLES and value <= 0):
                 return f"malformed metrics: {key}={value!r} (must be a finite number{', > 0' if key == NUM_EXAMPLES else ''})", None, metrics

@@ -40,6 +40,13 @@ NODE_INFO, SB_SKETCH, SB_PROJECT = "node-info", "sb_sketch", "sb_project"
 """Query names: node discovery; Fed-SB init pass 1 (Y_i = G_i·Ω) and pass 2 (Z_i = Qᵀ·G_i)."""
 NUM_EXAMPLES, PARTITION_ID, RANK = "num-examples", "partition-id", "rank"
 """Metric keys of a node-info reply (``num-examples`` is also every train reply's weight)."""
+TRAIN_LOSS, TRAIN_TOKENS, TRAIN_SECONDS = "train_loss", "train_tokens", "train_seconds"
+"""Metric keys of a train reply: mean loss over the round's local steps, supervised tokens seen,
+seconds of local training (beside ``num-examples``, ``rank`` and ``partition-id``)."""
+EVAL_LOSS, EVAL_TOKENS = "eval_loss", "eval_tokens"
+"""Metric keys of an evaluate reply: held-out loss and the response tokens it averages over."""
+PRIVACY_ENTRY = "entry"
+"""The key of the ledger entry (JSON) in a train reply's :data:`PRIVACY` record."""
 
 
 class ProtocolError(ValueError):
