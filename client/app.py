@@ -28,6 +28,8 @@ from fedlora.protocol.messages import (
     METRICS,
     NODE_INFO,
     NUM_EXAMPLES,
+    NUM_PARTITIONS,
+    OWN_DATA,
     PARTITION_ID,
     PRIVACY,
     PRIVACY_ENTRY,
@@ -35,6 +37,7 @@ from fedlora.protocol.messages import (
     RANK,
     SB_SKETCH,
     SKETCH,
+    TRAIN_EXAMPLES,
     TRAIN_LOSS,
     TRAIN_SECONDS,
     TRAIN_TOKENS,
@@ -130,7 +133,8 @@ def make_client_app(cfg: FedloraConfig | None = None) -> ClientApp:
         run_cfg, node = _config(context, cfg)
         if msg.content[CONFIG][QUERY] == NODE_INFO:
             train_ds = client_split(run_cfg, node.partition_id, node.num_partitions, node.data_path, "train")
-            metrics = {PARTITION_ID: node.partition_id, RANK: node.rank, NUM_EXAMPLES: len(train_ds)}
+            metrics = {PARTITION_ID: node.partition_id, RANK: node.rank, NUM_EXAMPLES: len(train_ds),
+                       NUM_PARTITIONS: node.num_partitions, OWN_DATA: int(node.data_path is not None)}
             return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
         return Message(sb_init_pass(run_cfg, node, msg, SBInitQuery.from_record(msg.content[CONFIG])), reply_to=msg)
 
@@ -150,8 +154,10 @@ def make_client_app(cfg: FedloraConfig | None = None) -> ClientApp:
             result, privacy = train_private(model, examples, run_cfg, node, context, rnd, kwargs)
         else:
             result = train_local(model, examples, run_cfg.train, **kwargs)
-        metrics = {NUM_EXAMPLES: len(examples), TRAIN_LOSS: result.loss, TRAIN_TOKENS: result.tokens,
+        metrics = {NUM_EXAMPLES: len(examples), TRAIN_EXAMPLES: result.examples, TRAIN_TOKENS: result.tokens,
                    TRAIN_SECONDS: result.seconds, RANK: node.rank, PARTITION_ID: node.partition_id}
+        if result.tokens > 0:  # a loss over no tokens (DP-SGD steps that all sampled nothing) is not sent
+            metrics[TRAIN_LOSS] = result.loss
         content = reply_content(get_adapter_state(model), metrics | (privacy or {}).get("metrics", {}), rc.parts)
         if privacy is not None:
             content[PRIVACY] = ConfigRecord({PRIVACY_ENTRY: privacy["entry"]})

@@ -39,11 +39,14 @@ from fedlora.protocol.messages import (
     METRICS,
     NODE_INFO,
     NUM_EXAMPLES,
+    NUM_PARTITIONS,
+    OWN_DATA,
     PARTITION_ID,
     PRIVACY,
     PRIVACY_ENTRY,
     QUERY,
     RANK,
+    TRAIN_EXAMPLES,
     TRAIN_LOSS,
     TRAIN_SECONDS,
     content_bytes,
@@ -108,13 +111,10 @@ class Round:
     state: GlobalState
     client_dp: bool = False
     """Client-level DP: updates are held, then clipped and noised together once all have arrived."""
-    weights: list[float] = field(default_factory=list)
-    """One per accepted reply."""
-    train_losses: list[float] = field(default_factory=list)
+    accepted_replies: list[AcceptedReply] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
     bytes_up: int = 0
     bytes_down: int = 0
-    train_seconds: float = 0.0  # Σ of the accepted replies' own local-training seconds
     held: list = field(default_factory=list)
     aggregate: RoundAggregate = field(init=False)
     ideal: IdealAccumulator = field(init=False, default_factory=IdealAccumulator)
@@ -124,11 +124,34 @@ class Round:
 
     @property
     def accepted(self) -> int:
-        return len(self.weights)
+        return len(self.accepted_replies)
 
-    def take(self, content: RecordDict, start: AdapterState, size: int, who: str) -> bool:
+    def _in_order(self) -> list[AcceptedReply]:
+        return sorted(self.accepted_replies, key=lambda r: r.order)
+
+    @property
+    def train_seconds(self) -> float:
+        """Σ of the accepted replies' own local-training seconds."""
+        return sum(r.seconds for r in self._in_order())
+
+    @property
+    def train_examples(self) -> int:
+        """Examples the accepted replies' local training used (each counted once per use)."""
+        return sum(r.examples for r in self.accepted_replies)
+
+    def train_loss(self) -> float | None:
+        """The round's train loss: the weighted mean of the accepted replies' losses, by the same
+        weights as the aggregate, over the replies that used any tokens, summed in (partition id,
+        node id) order so that arrival order cannot change it; None when no reply used data."""
+        used = [r for r in self._in_order() if r.loss is not None]
+        total = sum(r.weight for r in used)
+        return sum(r.weight * r.loss for r in used) / total if used and total > 0 else None
+
+    def take(self, content: RecordDict, start: AdapterState, size: int, who: str,
+             order: tuple[int, int] = (0, 0)) -> bool:
         """Check one train reply of ``size`` bytes from a client sent ``start`` and fold it in;
-        returns whether it was accepted (if not, the reason is in :attr:`rejected`)."""
+        returns whether it was accepted (if not, the reason is in :attr:`rejected`). ``order``
+        (partition id, node id) places the reply's numbers in the round's fixed order."""
         limit = self.strategy.max_reply_bytes(start)
         if size > limit:
             self.rejected.append(f"{who}: oversized reply: {size} bytes > {limit} (strategy.max_reply_bytes)")
@@ -143,9 +166,9 @@ class Round:
         else:
             self.aggregate.add(update, weight)
         self.ideal.add(self.strategy.lift(self.state, update), weight)
-        self.weights.append(weight)
-        self.train_losses.append(float(metrics[TRAIN_LOSS]))
-        self.train_seconds += float(metrics.get(TRAIN_SECONDS, 0.0))
+        loss = float(metrics[TRAIN_LOSS]) if TRAIN_LOSS in metrics else None
+        self.accepted_replies.append(AcceptedReply(order, weight, loss, int(metrics.get(TRAIN_EXAMPLES, 0)),
+                                                   float(metrics.get(TRAIN_SECONDS, 0.0))))
         return True
 
 
@@ -172,6 +195,20 @@ def record_privacy(reply: Message, run_dir: Path) -> str | None:
     except (KeyError, TypeError, ValueError) as err:  # PrivacyError is a ValueError
         return f"malformed privacy entry ({short_error(str(err))})"
     return None
+
+
+AGG_ERROR_DIGITS = 6
+"""Significant digits agg_error is recorded with. ΔW*'s float64 sums follow the replies' arrival
+order, which moves an exact method's agg_error (≈1e-8, fp32 rounding) in its 9th digit; six digits
+make two runs of one config record the same value. The aggregate itself is float64 sums rounded
+once to float32, so arrival order could change one of its entries only where a sum lies within
+≈1e-16 (relative) of a float32 rounding boundary."""
+
+
+def recorded_agg_error(state: GlobalState, new_state: GlobalState, out: Round) -> float:
+    """The round's agg_error (relative Frobenius error of its update against ΔW*) as recorded:
+    to :data:`AGG_ERROR_DIGITS` significant digits."""
+    return float(f"{aggregation_error(round_update(state, new_state), out.ideal.result()):.{AGG_ERROR_DIGITS}g}")
 
 
 def run_round(grid: Grid, strategy: LoraStrategy, state: GlobalState, nodes: list[NodeInfo], rnd: int,
@@ -201,7 +238,7 @@ def run_round(grid: Grid, strategy: LoraStrategy, state: GlobalState, nodes: lis
         if node not in by_id:
             out.rejected.append(f"{who}: unexpected reply from a node that was not sampled")
             continue
-        out.take(reply.content, starts[node], size, who)
+        out.take(reply.content, starts[node], size, who, order=(by_id[node].partition_id, node))
     for node in nodes:
         if node.node_id not in replied:
             out.rejected.append(f"partition {node.partition_id} (node {node.node_id}): straggler: no reply within "
@@ -218,7 +255,7 @@ def run_round(grid: Grid, strategy: LoraStrategy, state: GlobalState, nodes: lis
         out.held.clear()
     else:
         new_state = out.aggregate.finish()
-    return out, new_state, aggregation_error(round_update(state, new_state), out.ideal.result())
+    return out, new_state, recorded_agg_error(state, new_state, out)
 
 
 @dataclass
@@ -345,7 +382,8 @@ def play_round(grid: Grid, run: ServerRun, rnd: int) -> dict:
                                         run.client_dp)
     row = {"round": rnd, "strategy": strategy.name, "clients": stats.accepted, "rejected": len(stats.rejected),
            "bytes_down": stats.bytes_down, "bytes_up": stats.bytes_up, "agg_error": error,
-           "train_loss": None, "eval_loss": None, "client_train_seconds": round(stats.train_seconds, 3)}
+           "train_loss": None, "eval_loss": None, "train_examples": stats.train_examples,
+           "client_train_seconds": round(stats.train_seconds, 3)}
     if new_state is not None:
         fresh = {n: t[len(state.base_terms.get(n, [])):] for n, t in new_state.base_terms.items()}
         side = apply_base_terms(run.model, fresh)
@@ -354,7 +392,7 @@ def play_round(grid: Grid, run: ServerRun, rnd: int) -> dict:
         set_adapter_state(run.model, new_state.adapter)
         run.state = new_state
         write_global_adapter(run.writer.dir, new_state, round=rnd, **run.meta)
-        row["train_loss"] = sum(w * l for w, l in zip(stats.weights, stats.train_losses)) / sum(stats.weights)
+        row["train_loss"] = stats.train_loss()
         row.update(run.evaluate())
         if cfg.eval.client_eval:
             row.update(client_eval(grid, strategy, new_state, sampled, rnd, cfg, run.frame_sent))
@@ -392,7 +430,9 @@ def finish(run: ServerRun) -> dict:
         paths = write_privacy_report(writer.dir)
         extra["privacy_report"] = {k: str(v) for k, v in paths.items()}
         print(f"fedlora: privacy report: {', '.join(p.name for p in paths.values())}", flush=True)
-    summary_path = writer.write_summary(extra | {"adapter_dir": str(adapter_dir)})
+    summary_path = writer.write_summary(extra | {"adapter_dir": str(adapter_dir)}, planned_rounds=cfg.num_rounds)
+    for caveat in json.loads(summary_path.read_text())["caveats"]:
+        log.warning("this run is not clean: %s", caveat)
     run_manifest = manifest(config_to_dict(cfg), run.plan.partition_stats, device)
     writer.write_manifest(run_manifest)
     write_report(writer.dir, config_to_dict(cfg), format_partition_stats(run.plan.partition_stats), writer.rows,
@@ -438,16 +478,17 @@ def client_eval(grid: Grid, strategy: LoraStrategy, state: GlobalState, nodes: l
     starts = {node.node_id: strategy.start_for(state, node.rank) for node in nodes}
     messages = round_messages(strategy, state, nodes, starts, rnd, cfg, frame_sent, MessageType.EVALUATE)
     down = sum(content_bytes(m.content) for m in messages)
-    losses, weights, up = [], [], 0
+    partition = {node.node_id: node.partition_id for node in nodes}
+    results, up = [], 0  # (partition id, node id, loss, tokens): summed in that order, not arrival order
     for reply in stream_replies(grid, messages, cfg.strategy.round_timeout):
         if reply.has_error():
             log.warning("evaluate reply from node %s: %s", reply.metadata.src_node_id, reply.error.reason)
             continue
         up += content_bytes(reply.content)
-        m = reply.content[METRICS]
-        losses.append(float(m[EVAL_LOSS]))
-        weights.append(float(m[EVAL_TOKENS]))
-    if not losses:
+        m, node = reply.content[METRICS], reply.metadata.src_node_id
+        results.append((partition.get(node, -1), node, float(m[EVAL_LOSS]), float(m[EVAL_TOKENS])))
+    if not results:
         return {}
-    return {"client_eval_loss": sum(l * w for l, w in zip(losses, weights)) / sum(weights),
+    results.sort()
+    return {"client_eval_loss": sum(l * w for *_, l, w in results) / sum(w for *_, w in results),
             "eval_bytes_down": down, "eval_bytes_up": up}

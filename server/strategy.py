@@ -20,17 +20,17 @@ from fedlora.adapters.state import AdapterState, arrays_to_state, layout_mismatc
 from fedlora.aggregation import GlobalState, Method, RoundAggregate, resolve_method
 from fedlora.aggregation.common import AggregationError, normalize_weights
 from fedlora.config import FedloraConfig
-from fedlora.protocol.messages import METRICS, NUM_EXAMPLES, TRAIN_LOSS, UPDATE, RoundConfig, from_array_record
-
-
-@dataclass
-class NodeInfo:
-    """What a node told the server when it was discovered."""
-
-    node_id: int
-    partition_id: int
-    rank: int
-    num_examples: int
+from fedlora.node_check import NodeInfo  # what a node told the server when it was discovered
+from fedlora.protocol.messages import (
+    METRICS,
+    NUM_EXAMPLES,
+    TRAIN_EXAMPLES,
+    TRAIN_LOSS,
+    TRAIN_TOKENS,
+    UPDATE,
+    RoundConfig,
+    from_array_record,
+)
 
 
 @dataclass
@@ -155,10 +155,9 @@ class LoraStrategy:
         metrics = dict(content[METRICS])
         if metrics.get("declined"):
             return "declined to train (its privacy budget would be exceeded)", None, metrics
-        for key in (NUM_EXAMPLES, TRAIN_LOSS):
-            value = metrics.get(key)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or (key == NUM_EXAMPLES and value <= 0):
-                return f"malformed metrics: {key}={value!r} (must be a finite number{', > 0' if key == NUM_EXAMPLES else ''})", None, metrics
+        reason = _check_train_metrics(metrics)
+        if reason:
+            return f"malformed metrics: {reason}", None, metrics
         if UPDATE not in content:
             return "wrong keys: the reply has no update record", None, metrics
         arrays = from_array_record(content[UPDATE])
@@ -179,6 +178,27 @@ class LoraStrategy:
     def lift(self, state: GlobalState, update: AdapterState) -> AdapterState:
         """A client update as ordinary LoRA factors (Fed-SB cores → s·B·R·A), for ΔW*."""
         return self.method.lift(state, update)
+
+
+def _check_train_metrics(metrics: dict) -> str | None:
+    """``num-examples`` a finite number > 0; ``train_tokens`` and ``train_examples``, where sent,
+    finite and ≥ 0; ``train_loss`` finite, and present unless the client used no tokens."""
+    def bad(key: str, value, rule: str) -> str:
+        return f"{key}={value!r} (must be {rule})"
+
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+
+    if not number(n := metrics.get(NUM_EXAMPLES)) or n <= 0:
+        return bad(NUM_EXAMPLES, n, "a finite number > 0")
+    for key in (TRAIN_TOKENS, TRAIN_EXAMPLES):
+        if key in metrics and (not number(metrics[key]) or metrics[key] < 0):
+            return bad(key, metrics[key], "a finite number ≥ 0")
+    if metrics.get(TRAIN_TOKENS, 1) > 0 and not number(metrics.get(TRAIN_LOSS)):
+        return bad(TRAIN_LOSS, metrics.get(TRAIN_LOSS), "a finite number when train_tokens > 0")
+    if TRAIN_LOSS in metrics and not number(metrics[TRAIN_LOSS]):
+        return bad(TRAIN_LOSS, metrics[TRAIN_LOSS], "a finite number")
+    return None
 
 
 def short_error(text: str, limit: int = 300) -> str:

@@ -28,7 +28,7 @@ from fedlora.memory import tensor_bytes
 from fedlora.protocol.messages import content_bytes, reply_content
 from fedlora.privacy import check_client_level_strategy
 from fedlora.privacy.client_level import ClientLevelDPError
-from fedlora_server.loop import Round
+from fedlora_server.loop import Round, recorded_agg_error
 from fedlora_server.strategy import make_strategy
 
 SHAPES = {"q": (24, 16), "v": (16, 40)}  # layer → (d_out, d_in)
@@ -208,3 +208,59 @@ def test_a_buffered_method_holds_every_reply_and_says_why():
     per_reply = sum(4 * RANK * (d_out + d_in) for d_out, d_in in SHAPES.values())  # fp32 A and B
     assert held_many - held_few == (32 - 4) * per_reply
     assert all(isinstance(m.aggregation, Streaming) for n, m in METHODS.items() if n not in ("fedex", "flora"))
+
+
+@pytest.mark.parametrize("name", sorted(n for n, m in METHODS.items() if m.streams))
+def test_the_order_replies_arrive_in_changes_no_recorded_number(name):
+    # Prepare: 6 replies with unequal weights and losses, fed in 3 arrival orders
+    strategy = make_strategy(_cfg(name))
+    state = _start_state(name)
+    start = strategy.start_for(state, RANK)
+    replies = [reply_content(_client_update(name, start, i), {"num-examples": 10 + 7 * i, "train_loss": 1.0 + i / 3,
+                                                              "train_tokens": 50 + i}, strategy.parts)
+               for i in range(6)]
+    outcomes = []
+    for order in ([0, 1, 2, 3, 4, 5], [5, 3, 1, 0, 2, 4], [2, 5, 4, 1, 3, 0]):
+        rnd = Round(strategy, state)
+        for i in order:
+            assert rnd.take(replies[i], start, content_bytes(replies[i]), f"client {i}", order=(i, 100 + i))
+        new = rnd.aggregate.finish()
+        outcomes.append((new.adapter, rnd.train_loss(), recorded_agg_error(state, new, rnd), rnd.train_seconds))
+    # Assert: the same adapter bit for bit, and the same train loss and recorded agg_error
+    first = outcomes[0]
+    for adapter, loss, error, seconds in outcomes[1:]:
+        assert all(torch.equal(adapter[n].A, first[0][n].A) and torch.equal(adapter[n].B, first[0][n].B) for n in SHAPES)
+        assert (loss, error, seconds) == first[1:]
+    weights = [10 + 7 * i for i in range(6)]
+    assert first[1] == sum(w * (1.0 + i / 3) for i, w in enumerate(weights)) / sum(weights)
+
+
+def test_a_reply_that_used_no_examples_keeps_its_weight_and_gives_no_train_loss():
+    # Prepare: under DP-SGD's Poisson sampling a client may sample nothing in a round; its reply
+    # carries train_tokens = 0 and no train_loss
+    strategy = make_strategy(_cfg("fedavg"))
+    state = _start_state("fedavg")
+    start = strategy.start_for(state, RANK)
+
+    def reply(i, **metrics):
+        return reply_content(_client_update("fedavg", start, i), {"num-examples": 30, **metrics}, strategy.parts)
+
+    empty = reply(0, train_tokens=0, train_examples=0)
+    used = reply(1, train_tokens=40, train_examples=3, train_loss=2.5)
+    lying = reply(2, train_tokens=40, train_examples=3)  # tokens used but no loss: malformed
+    # Execute
+    rnd = Round(strategy, state)
+    took = [rnd.take(c, start, content_bytes(c), f"client {i}", order=(i, i)) for i, c in enumerate((empty, used, lying))]
+    alone = Round(strategy, state)
+    alone.take(empty, start, content_bytes(empty), "client 0")
+    # Assert: the empty reply is aggregated with its weight (its training-set size: what the
+    # sampling rate q = batch/N was set from), the train loss is the one client's that used data,
+    # and a round where no client used data has none
+    assert took == [True, True, False]
+    assert "malformed metrics: train_loss=None (must be a finite number when train_tokens > 0)" in rnd.rejected[0]
+    assert [r.weight for r in rnd.accepted_replies] == [30.0, 30.0] and rnd.train_examples == 3
+    assert rnd.train_loss() == 2.5 and alone.train_loss() is None
+    mean = rnd.aggregate.finish().adapter
+    for n in SHAPES:
+        a0, a1 = _client_update("fedavg", start, 0)[n], _client_update("fedavg", start, 1)[n]
+        torch.testing.assert_close(mean[n].A, (a0.A + a1.A) / 2, rtol=0, atol=1e-6)

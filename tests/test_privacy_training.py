@@ -3,6 +3,8 @@ noise of the right size, a base that is never touched, budgets, and state carrie
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -16,7 +18,9 @@ from fedlora.privacy.dp_training import (
     clipped_gradient_sum,
     noisy_mean,
     per_example_losses,
+    poisson_sample,
     private_dense_gradient,
+    private_generators,
     train_local_dp,
 )
 from fedlora.privacy.grad_samplers import GradSampleCollector
@@ -275,3 +279,38 @@ def test_private_fedsb_init_counts_in_the_calibration_of_the_training_rounds(tok
     assert final.history == [[state.sigma, 1 / 6, 3]] and result.sigma == state.sigma
     assert same.history == state.history and again.dp_steps == 0  # a recomputation is not charged twice
     assert epsilon_rdp([[state.sigma, 1 / 6, 5]], 1e-5)[0] == pytest.approx(8.0, abs=0.01)
+
+
+def _draws(dp_seed: int, steps: int, n: int, q: float) -> list[list[int]]:
+    """The Poisson samples train_local_dp draws for ``dp_seed`` (same generator, same order)."""
+    sampling, _ = private_generators(torch.device("cpu"), dp_seed)
+    return [poisson_sample(n, q, sampling) for _ in range(steps)]
+
+
+def test_steps_that_sample_no_example_are_counted_and_give_no_loss(tokenizer):
+    # Prepare: q = 1/6 over 6 examples, 3 steps: a step's sample is empty with probability (5/6)^6 ≈ 0.33
+    examples, steps, q = _examples(tokenizer), 3, 1 / 6
+    draws = {s: _draws(s, steps, len(examples), q) for s in range(200)}
+    all_empty = next(s for s, d in draws.items() if not any(d))
+    some_empty = next(s for s, d in draws.items() if any(d) and not all(d))
+    train = TrainConfig(local_steps=steps, batch_size=1, lr=1e-2)
+    dp = DPConfig(mode="example", noise_multiplier=1.0)
+    results = {}
+    for seed in (all_empty, some_empty):
+        model = _adapted(tokenizer, "lora")
+        before = get_adapter_state(model)
+        # Execute
+        result, _ = train_local_dp(model, examples, train, dp, pad_id=0, round_index=1, num_rounds=1, seed=0,
+                                   accountant_state=None, dp_seed=seed)  # fmt: skip
+        results[seed] = result, before, get_adapter_state(model)
+    # Assert: no example used → no loss (NaN, never a 0.0 that reads as a perfect fit), yet the
+    # noise-only steps moved the adapter and were charged; a partly empty round counts its examples
+    r, before, after = results[all_empty]
+    assert r.examples == 0 and r.tokens == 0 and r.empty_batches == steps and math.isnan(r.loss)
+    assert r.dp_steps == steps and r.metrics()["dp_empty_steps"] == steps
+    assert all(not torch.equal(before[n].B, after[n].B) for n in before)
+    r, _, _ = results[some_empty]
+    sampled = [i for d in draws[some_empty] for i in d]
+    expected_tokens = sum(sum(label != -100 for label in examples[i]["labels"]) for i in sampled)
+    assert r.examples == len(sampled) and r.tokens == expected_tokens and r.tokens > 0
+    assert r.empty_batches == sum(not d for d in draws[some_empty]) > 0 and math.isfinite(r.loss) and r.loss > 0

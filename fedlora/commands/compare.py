@@ -41,7 +41,7 @@ from fedlora.rundir.files import (
     read_metrics,
     read_summary,
 )
-from fedlora.rundir.writer import human_bytes
+from fedlora.rundir.writer import completion, human_bytes
 
 METRICS = [  # (name, axis label, higher is better)
     ("loss", "final eval loss (lower is better)", False),
@@ -111,6 +111,18 @@ class Run:
     def token_accuracy(self) -> float | None:
         """Greedy next-token accuracy on the held-out response tokens after the last round."""
         return self.summary.get("final_eval_token_accuracy")
+
+    @property
+    def completion(self) -> dict[str, Any]:
+        """Completed / skipped rounds, rejected replies and caveats (:func:`fedlora.rundir.writer.completion`),
+        recomputed from ``metrics.jsonl`` so that runs written before the summary held them are judged too."""
+        return completion(self.rows, self.summary.get("planned_rounds") or self.config.get("num_rounds"))
+
+    @property
+    def final_eval_round(self) -> int | None:
+        """The round the final eval loss is from (the last one that evaluated)."""
+        evaluated = [r["round"] for r in self.rows if r.get("eval_loss") is not None]
+        return evaluated[-1] if evaluated else None
 
     def metric(self, name: str) -> float | None:
         return {"loss": self.summary["final_eval_loss"], "token_accuracy": self.token_accuracy,
@@ -249,8 +261,11 @@ def csv_row(run: Run, fronts: dict[str, set[int]], index: int) -> dict[str, Any]
         "run": run.label, "strategy": run.strategy, "ranks": run.ranks, "dp": run.dp, "epsilon": run.epsilon,
         "target_epsilon": run.config.get("dp", {}).get("target_epsilon"),
         "noise_multiplier": run.config.get("dp", {}).get("noise_multiplier"),
-        "alpha": run.alpha, "rounds": s.get("rounds"), "initial_eval_loss": s.get("initial_eval_loss"),
-        "final_eval_loss": s["final_eval_loss"], "token_accuracy": run.token_accuracy, "gsm8k_accuracy": run.accuracy,
+        "alpha": run.alpha, "rounds": s.get("rounds"), "completed_rounds": run.completion["completed_rounds"],
+        "skipped_rounds": " ".join(map(str, run.completion["skipped_rounds"])),
+        "rejected_replies": run.completion["rejected_replies"], "caveats": "; ".join(run.completion["caveats"]),
+        "initial_eval_loss": s.get("initial_eval_loss"),
+        "final_eval_loss": s["final_eval_loss"], "final_eval_round": run.final_eval_round, "token_accuracy": run.token_accuracy, "gsm8k_accuracy": run.accuracy,
         "total_bytes_up": s["total_bytes_up"], "total_bytes_down": s["total_bytes_down"],
         "wall_seconds": s.get("wall_seconds"),
         **{f"pareto_{name}": index in fronts[name] if name in fronts else None for name, _, _ in METRICS},
@@ -267,7 +282,9 @@ def markdown(runs: list[Run], fronts: dict[str, set[int]], plots: list[str]) -> 
              f"{len(runs)} runs on {runs[0].dataset[0]} ({runs[0].dataset[1]}). Bytes are serialised payloads, "
              "summed over all rounds and clients; ε is the worst client's at the end; "
              "α is the Dirichlet concentration (iid: no skew); ★ marks the Pareto front of a metric "
-             "against total bytes (no other run is both cheaper and better).", "",
+             "against total bytes (no other run is both cheaper and better); rounds are completed of "
+             "planned, ⚠ marks a run with skipped rounds or rejected replies (see the notes below the "
+             "table), and a final eval loss from an earlier round than the last names it (rN).", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for i, run in enumerate(runs):
         s = run.summary
@@ -276,14 +293,21 @@ def markdown(runs: list[Run], fronts: dict[str, set[int]], plots: list[str]) -> 
         def star(name: str) -> str:
             return " ★" if i in fronts.get(name, ()) else ""
 
+        done = run.completion
+        rounds = f"{done['completed_rounds']}/{done['planned_rounds']}" + (" ⚠" if done["caveats"] else "")
+        final = f"{s['final_eval_loss']:.4f}" + (f" (r{run.final_eval_round})"
+                                                  if run.final_eval_round != done["planned_rounds"] else "")
         cells = [run.label, run.strategy, run.ranks, run.dp, cell(run.epsilon, "{:.2f}"), run.alpha,
-                 cell(s.get("rounds")), f"{s['final_eval_loss']:.4f}" + star("loss"),
+                 rounds, final + star("loss"),
                  cell(run.token_accuracy, "{:.4f}") + star("token_accuracy"),
                  "–" if run.accuracy is None else f"{run.accuracy:.3f} ({gsm.get('correct')}/{gsm.get('total')})"
                  + star("accuracy"),
                  human_bytes(s["total_bytes_up"]), human_bytes(s["total_bytes_down"]),
                  cell(s.get("wall_seconds"), "{:.1f} s"), " ".join(run.overrides) or "–"]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    notes = [f"- ⚠ {run.label}: {'; '.join(run.completion['caveats'])}" for run in runs if run.completion["caveats"]]
+    if notes:
+        lines += ["", "Runs that are not clean (their numbers are not those of a full run):", *notes]
     lines += [""] + [f"![{name}]({name})" for name in plots]
     return "\n".join(lines) + "\n"
 

@@ -75,13 +75,15 @@ class DPTrainResult(TrainResult):
     num_examples: int = 0
     accountant: str = "rdp"
     empty_batches: int = 0
+    """Steps whose Poisson sample held no example: the step applied noise alone, and ``loss`` is
+    NaN when every step was empty (no example was used)."""
 
     def metrics(self) -> dict[str, int | float]:
         """Numbers for the reply's MetricRecord (Flower metrics are int/float only)."""
         out: dict[str, int | float] = {
             "declined": int(self.declined), "epsilon": self.epsilon, "epsilon_rdp": self.epsilon_rdp,
             "delta": self.delta, "sigma": self.sigma, "q": self.q, "dp_steps": self.dp_steps,
-            "dp_total_steps": self.total_steps,
+            "dp_total_steps": self.total_steps, "dp_empty_steps": self.empty_batches,
         }  # fmt: skip
         if self.epsilon_prv is not None:
             out["epsilon_prv"] = self.epsilon_prv
@@ -305,8 +307,9 @@ def train_local_dp(
     new_state = base_state.composed(plan.sigma, plan.q, plan.local_steps).with_round(
         _round_entry(round_index, plan, plan.local_steps)
     )
-    return _result(plan, new_state, loss=loss_sum / max(tokens, 1), steps=plan.local_steps, examples=seen,
-                   tokens=tokens, seconds=time.perf_counter() - start, empty_batches=empty), new_state  # fmt: skip
+    return _result(plan, new_state, loss=loss_sum / tokens if tokens else float("nan"), steps=plan.local_steps,
+                   examples=seen, tokens=tokens, seconds=time.perf_counter() - start,
+                   empty_batches=empty), new_state  # fmt: skip
 
 
 def _with_plan(state: AccountantState, plan: ExamplePlan) -> AccountantState:

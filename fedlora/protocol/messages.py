@@ -12,9 +12,10 @@ Both apps import this one module, so the keys live in one place. A train/evaluat
 
 A train reply holds ``update`` (ArrayRecord) and ``metrics`` (MetricRecord with ``num-examples``,
 ``train_loss`` …); an evaluate reply holds ``metrics`` only; a query reply (node discovery)
-holds ``metrics`` with ``partition-id``, ``rank`` and ``num-examples``. Fed-SB's init round is two
-more queries, each a :class:`SBInitQuery` (``sb_sketch``, ``sb_project``): the server sends the range
-``basis`` with the second, and each reply holds the client's ``sketch`` and ``metrics``.
+holds ``metrics`` with ``partition-id``, ``rank``, ``num-examples``, ``num-partitions`` and
+``own-data``. Fed-SB's init round is two more queries, each a :class:`SBInitQuery` (``sb_sketch``,
+``sb_project``): the server sends the range ``basis`` with the second, and each reply holds the
+client's ``sketch`` and ``metrics``.
 """
 
 from __future__ import annotations
@@ -40,9 +41,17 @@ NODE_INFO, SB_SKETCH, SB_PROJECT = "node-info", "sb_sketch", "sb_project"
 """Query names: node discovery; Fed-SB init pass 1 (Y_i = G_i·Ω) and pass 2 (Z_i = Qᵀ·G_i)."""
 NUM_EXAMPLES, PARTITION_ID, RANK = "num-examples", "partition-id", "rank"
 """Metric keys of a node-info reply (``num-examples`` is also every train reply's weight)."""
+NUM_PARTITIONS, OWN_DATA = "num-partitions", "own-data"
+"""More metric keys of a node-info reply: the node's ``num-partitions``, and 1 when it trains its own
+``data-path`` file (0: its partition of the shared dataset); the server checks the replies together
+(:mod:`fedlora.node_check`)."""
 TRAIN_LOSS, TRAIN_TOKENS, TRAIN_SECONDS = "train_loss", "train_tokens", "train_seconds"
-"""Metric keys of a train reply: mean loss over the round's local steps, supervised tokens seen,
-seconds of local training (beside ``num-examples``, ``rank`` and ``partition-id``)."""
+TRAIN_EXAMPLES = "train_examples"
+"""Metric keys of a train reply, each about the examples the round's local training actually used:
+``train_examples`` (counted once per use), ``train_tokens`` (supervised tokens), ``train_loss``
+(mean loss over those tokens; absent when there were none, as when every DP-SGD step's Poisson
+sample came out empty), ``train_seconds`` (local training time). Beside them ``num-examples`` (the
+client's training-set size, its aggregation weight), ``rank`` and ``partition-id``."""
 EVAL_LOSS, EVAL_TOKENS = "eval_loss", "eval_tokens"
 """Metric keys of an evaluate reply: held-out loss and the response tokens it averages over."""
 PRIVACY_ENTRY = "entry"

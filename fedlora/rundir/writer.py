@@ -128,16 +128,22 @@ class RunWriter:
                 cells.append(fmt.format(value))
         return " | ".join(cells)
 
-    def write_summary(self, extra: dict[str, Any]) -> Path:
+    def write_summary(self, extra: dict[str, Any], planned_rounds: int | None = None) -> Path:
+        """``summary.json``: first and final values, each final one with the round it is from,
+        how the rounds went (:func:`completion`), totals, versions, and ``extra``."""
         evaluated = [r for r in self.rows if r.get("eval_loss") is not None]
         first, last = (evaluated[0], evaluated[-1]) if evaluated else ({}, {})
+        trained = [r for r in self.rows if r.get("train_loss") is not None]
         summary = {
             "rounds": max((r["round"] for r in self.rows), default=0),
+            **completion(self.rows, planned_rounds),
             "initial_eval_loss": first.get("eval_loss"),
             "final_eval_loss": last.get("eval_loss"),
+            "final_eval_round": last.get("round"),
             "initial_eval_token_accuracy": first.get("eval_token_accuracy"),
             "final_eval_token_accuracy": last.get("eval_token_accuracy"),
-            "final_train_loss": last.get("train_loss"),
+            "final_train_loss": trained[-1]["train_loss"] if trained else None,
+            "final_train_round": trained[-1]["round"] if trained else None,
             "total_bytes_up": sum(r.get("bytes_up", 0) for r in self.rows),
             "total_bytes_down": sum(r.get("bytes_down", 0) for r in self.rows),
             "wall_seconds": round(time.time() - self.started, 1),
@@ -174,6 +180,32 @@ class RunWriter:
         return path
 
 
+def completion(rows: list[dict[str, Any]], planned_rounds: int | None = None) -> dict[str, Any]:
+    """How a run's rounds went, from its ``metrics.jsonl`` rows (round 0 is the start, not a round):
+
+    ``planned_rounds`` (default: the last round recorded), ``completed_rounds`` (rounds that
+    produced a new global adapter), ``skipped_rounds`` (the rounds too few usable replies left
+    unaggregated: the previous adapter stayed), ``rejected_replies`` (over all rounds) and
+    ``caveats``: one sentence per way the run falls short of a clean run (empty when it does not),
+    which ``report.md`` and ``fedlora compare`` show beside its numbers."""
+    rounds = [r for r in rows if r.get("round", 0) > 0]
+    planned = planned_rounds if planned_rounds is not None else max((r["round"] for r in rounds), default=0)
+    skipped = [r["round"] for r in rounds if r.get("skipped")]
+    completed = len(rounds) - len(skipped)
+    rejected = sum(int(r.get("rejected") or 0) for r in rounds)
+    caveats = []
+    if skipped:
+        caveats.append(f"round{'s' if len(skipped) > 1 else ''} {', '.join(map(str, skipped))} skipped "
+                       f"(too few usable replies; the previous global adapter stayed)")
+    if rejected:
+        caveats.append(f"{rejected} client repl{'ies' if rejected > 1 else 'y'} rejected "
+                       f"(see rejected_reasons in {METRICS_FILE})")
+    if len(rounds) < planned:
+        caveats.append(f"{len(rounds)} of {planned} planned rounds ran")
+    return {"planned_rounds": planned, "completed_rounds": completed, "skipped_rounds": skipped,
+            "rejected_replies": rejected, "caveats": caveats}
+
+
 def git_commit(path: Path) -> str | None:
     """The commit of the source tree at ``path`` (None outside a git checkout)."""
     import subprocess
@@ -206,15 +238,21 @@ def manifest(config: dict[str, Any], partition_stats: dict[str, Any], device: st
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """The per-round table as Markdown."""
-    keys = [k for k, _, _ in COLUMNS] + [k for k in ("client_eval_loss", "epsilon") if any(k in r for r in rows)]
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    """The per-round table as Markdown; a ``rejected`` column and a ``note`` marking skipped rounds
+    appear when any round had them."""
+    keys = [k for k, _, _ in COLUMNS] + [k for k in ("rejected", "client_eval_loss", "epsilon")
+                                         if any(r.get(k) for r in rows)]
+    noted = any(r.get("skipped") for r in rows)
+    header = keys + (["note"] if noted else [])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = []
         for k in keys:
             v = r.get(k)
             cells.append("–" if v is None else human_bytes(v) if k.startswith("bytes") else
                          f"{v:.4g}" if isinstance(v, float) else str(v))
+        if noted:
+            cells.append("**skipped**: previous adapter kept" if r.get("skipped") else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -223,11 +261,19 @@ def write_report(run_dir: Path, config: dict[str, Any], partitions: str, rows: l
                  summary: dict[str, Any], run_manifest: dict[str, Any]) -> Path:
     """``report.md``: what ran, on which data split, what happened each round, how to reproduce it.
     ``partitions`` is the partition table as printed at the start of the run."""
+    done = completion(rows, summary.get("planned_rounds"))
+    final_round = summary.get("final_eval_round")
     parts = [
         f"# fedlora run `{run_dir.name}`",
         f"Strategy **{summary.get('strategy')}** on **{summary.get('model')}** / **{summary.get('dataset')}**, "
-        f"{len(rows) - 1} rounds; eval loss {summary.get('initial_eval_loss'):.4f} → {summary.get('final_eval_loss'):.4f}; "
+        f"{done['completed_rounds']} of {done['planned_rounds']} rounds completed; "
+        f"eval loss {summary.get('initial_eval_loss'):.4f} → {summary.get('final_eval_loss'):.4f}"
+        f"{f' (after round {final_round})' if final_round != done['planned_rounds'] else ''}; "
         f"{human_bytes(summary.get('total_bytes_up', 0))} up, {human_bytes(summary.get('total_bytes_down', 0))} down.",
+    ]
+    if done["caveats"]:
+        parts.append("> **Not a clean run**: " + "; ".join(done["caveats"]) + ".")
+    parts += [
         "## Rounds", markdown_table(rows), f"![loss per round]({LOSS_PLOT_FILE})",
         "## Partitions", "```", partitions, "```",
     ]
