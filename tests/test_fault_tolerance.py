@@ -10,6 +10,7 @@ skipped. ``tests/test_resume.py`` uses the ``kill_driver`` fault to stop a run m
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -23,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 
+from fedlora.commands.compare import compare
 from fedlora.rundir.checkpoint import load_checkpoint, round_dirs
 
 HERE = Path(__file__).resolve()
@@ -220,6 +222,31 @@ def test_too_few_usable_replies_keep_the_previous_global_adapter(faulty_run):
         assert torch.equal(f.A, after.state.adapter[name].A) and torch.equal(f.B, after.state.adapter[name].B)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["final_eval_loss"] == rows[1]["eval_loss"]  # the kept adapter is the final one
+
+
+def test_the_summary_report_and_compare_say_which_rounds_were_skipped_and_replies_rejected(faulty_run, tmp_path):
+    # Execute
+    run_dir, rows, log = faulty_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    report = (run_dir / "report.md").read_text()
+    out = compare([run_dir], out=tmp_path)
+    # Assert: final values carry their round; counts and caveats in every place a result is read
+    assert (summary["planned_rounds"], summary["completed_rounds"], summary["skipped_rounds"]) == (2, 1, [2])
+    assert summary["rejected_replies"] == 7 + 8
+    assert (summary["final_eval_round"], summary["final_train_round"]) == (1, 1)
+    assert summary["caveats"] == [
+        "round 2 skipped (too few usable replies; the previous global adapter stayed)",
+        "15 client replies rejected (see rejected_reasons in metrics.jsonl)",
+    ]
+    assert "1 of 2 rounds completed" in report and "(after round 1)" in report
+    assert "> **Not a clean run**: round 2 skipped" in report and "**skipped**: previous adapter kept" in report
+    assert "this run is not clean: round 2 skipped" in log
+    md = out["md"].read_text()
+    assert f"| 1/2 ⚠ | {summary['final_eval_loss']:.4f} (r1) ★ |" in md  # ★: a lone run is its own Pareto front
+    assert "- ⚠ run: round 2 skipped (too few usable replies; the previous global adapter stayed); 15 client " in md
+    row = next(csv.DictReader(out["csv"].open()))
+    assert (row["completed_rounds"], row["skipped_rounds"], row["rejected_replies"], row["final_eval_round"]) == (
+        "1", "2", "15", "1")
 
 
 # ---------------------------------------------------------------------------------------------
