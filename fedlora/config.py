@@ -15,6 +15,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedlora.module_patterns import PatternError, compile_patterns
+
 
 class ConfigError(ValueError):
     """A configuration value is unknown, missing or out of range."""
@@ -66,8 +68,14 @@ class AdapterConfig:
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
-    """Regular expressions matched (``re.search``) against the full module name of every
-    ``nn.Linear``; default: all attention and MLP projections of Llama/Gemma/Qwen/Mistral."""
+    """The linear layers that get adapters; default: all attention and MLP projections of
+    Llama/Gemma/Qwen/Mistral. Each entry is a module name, matched by whole trailing name
+    components (``v_proj`` matches ``model.layers.0.self_attn.v_proj``, never ``…qkv_proj``), or a
+    regular expression (any character beyond letters, digits, ``_`` and ``.``) matched against the
+    whole dotted module name (``.*\\.layers\\.[0-3]\\..*_proj``); see
+    :mod:`fedlora.module_patterns`. Before any work every pattern must match at least one linear
+    layer and nothing else: not the output head, the input embeddings, norms or whole blocks
+    (:func:`fedlora.model.targets.check_targets`)."""
     rank_pattern: dict[str, int] = field(default_factory=dict)
     """Per-module rank overrides: regex → rank (first match wins)."""
     init_seed: int = 0
@@ -80,6 +88,10 @@ class AdapterConfig:
             raise ConfigError(f"adapter.dropout={self.dropout} must lie in [0, 1)")
         if not self.target_modules:
             raise ConfigError("adapter.target_modules is empty; name at least one module pattern")
+        try:
+            compile_patterns(self.target_modules)
+        except PatternError as err:
+            raise ConfigError(str(err)) from err
 
 
 @dataclass

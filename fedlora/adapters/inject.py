@@ -1,7 +1,9 @@
 """Put adapters into a Hugging Face causal LM by module-name patterns, and move their state.
 
-``inject_adapters`` validates everything first (patterns that match nothing, ranks larger than a
-layer) and only then replaces modules, so a bad config never leaves a half-adapted model.
+``inject_adapters`` validates everything first (every ``target_modules`` pattern resolved by
+:func:`fedlora.adapters.targets.resolve_module_targets`: it matches linear layers and nothing
+else; ranks no larger than a layer) and only then replaces modules, so a bad config never leaves a
+half-adapted model.
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ from torch import nn
 
 from fedlora.adapters.lora import AdapterError, LoRALinear, layer_generator
 from fedlora.adapters.state import AdapterState, LoraFactors
+from fedlora.adapters.targets import BASE_TYPES, resolve_module_targets
 from fedlora.config import AdapterConfig
-from fedlora.quant.linear import QuantLinear
 
-BASE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, QuantLinear)
-"""Frozen layers an adapter can wrap: dense linears and quantized ones (``fedlora.quant``)."""
+__all__ = ["BASE_TYPES", "adapter_modules", "get_adapter_state", "inject_adapters", "set_adapter_state",
+           "trainable_parameters"]
 
 
 def _module_rank(name: str, cfg: AdapterConfig, rank: int) -> int:
@@ -30,22 +32,20 @@ def _module_rank(name: str, cfg: AdapterConfig, rank: int) -> int:
 def inject_adapters(
     model: nn.Module, cfg: AdapterConfig, adapter_cls: type[LoRALinear], *, rank: int | None = None
 ) -> list[str]:
-    """Wrap every linear layer (``nn.Linear`` or ``QuantLinear``, :data:`BASE_TYPES`) whose full
-    name matches a ``cfg.target_modules`` regex.
+    """Wrap every linear layer (``nn.Linear`` or ``QuantLinear``, :data:`BASE_TYPES`) that a
+    ``cfg.target_modules`` pattern names (:mod:`fedlora.module_patterns`: a plain name matches
+    trailing name components, a regex the whole dotted name).
 
-    ``rank`` overrides ``cfg.rank`` (a client's own rank); ``cfg.rank_pattern`` still wins per
-    module. Returns the adapted module names. All base parameters are frozen.
+    ``rank`` overrides ``cfg.rank`` (a client's own rank); ``cfg.rank_pattern`` (regexes searched
+    in the name, first match wins) still wins per module. Returns the adapted module names, sorted.
+    All base parameters are frozen. Raises :class:`~fedlora.adapters.targets.TargetError` (an
+    ``AdapterError``) for a pattern that matches nothing or anything but adaptable linear layers
+    (the output head, embeddings, norms, whole blocks), and ``AdapterError`` for a rank that does
+    not fit a layer, before any module is replaced.
     """
     rank = cfg.rank if rank is None else rank
-    patterns = [re.compile(p) for p in cfg.target_modules]
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, BASE_TYPES)}
-    targets = {n: m for n, m in linears.items() if any(p.search(n) for p in patterns)}
-    if not targets:
-        examples = ", ".join(list(linears)[:6])
-        raise AdapterError(
-            f"adapter.target_modules={cfg.target_modules} matches no linear layer of this model; "
-            f"its linear layers are named like: {examples}"
-        )
+    report = resolve_module_targets(model, cfg.target_modules)
+    targets = {n: model.get_submodule(n) for n in report.layers}
     ranks = {n: _module_rank(n, cfg, rank) for n in targets}
     for name, module in targets.items():  # validate all before changing anything
         if not 1 <= ranks[name] <= min(module.in_features, module.out_features):

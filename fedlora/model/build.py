@@ -2,21 +2,24 @@
 injected, from this process's worker cache when asked (:mod:`fedlora.worker_cache`).
 
 Everything the model needs is checked before the first round (patterns match, ranks fit), so bad
-input fails fast with a clear error.
+input fails fast with a clear error: ``adapter.target_modules`` is resolved on the loaded model
+before anything is quantized or adapted (:mod:`fedlora.adapters.targets`), behind the check on the
+model's weightless skeleton that runs before the run starts (:mod:`fedlora.model.targets`).
 """
 
 from __future__ import annotations
 
 import copy
-import re
 from typing import Any
 
 from torch import nn
 
 from fedlora.adapters import LoRALinear, adapter_class, inject_adapters
 from fedlora.adapters.inject import BASE_TYPES
+from fedlora.adapters.targets import resolve_module_targets
 from fedlora.config import FedloraConfig
 from fedlora.model.loading import load_model
+from fedlora.module_patterns import compile_patterns, matches_any
 from fedlora.quant import quantize_model
 from fedlora.worker_cache import _BUILT_ONCE, BASES, _file_stamp
 
@@ -41,7 +44,7 @@ def build_model(cfg: FedloraConfig, rank: int | None = None, kind: str | None = 
     """
     kind = kind or cfg.adapter.kind
     if not reuse:
-        model, tokenizer = load_model(cfg.model)
+        model, tokenizer = _load_checked(cfg)
         inject_adapters(model, cfg.adapter, adapter_class(kind), rank=rank)
         model.quant_report = quantize_model(model, cfg.quant, cfg.adapter.target_modules)
         return model, tokenizer
@@ -63,22 +66,31 @@ def build_model(cfg: FedloraConfig, rank: int | None = None, kind: str | None = 
     return model, tokenizer
 
 
+def _load_checked(cfg: FedloraConfig):
+    """The loaded base, its ``adapter.target_modules`` resolved on it before anything is quantized
+    or adapted: the last line of defence behind :func:`fedlora.model.targets.check_targets`."""
+    model, tokenizer = load_model(cfg.model)
+    resolve_module_targets(model, cfg.adapter.target_modules)
+    return model, tokenizer
+
+
 def _pristine_base(cfg: FedloraConfig, rank: int | None, kind: str):
     if _loftq(cfg):
         return build_model(cfg, rank=rank, kind=kind)
-    model, tokenizer = load_model(cfg.model)
+    model, tokenizer = _load_checked(cfg)
     model.quant_report = quantize_model(model, cfg.quant, cfg.adapter.target_modules)
     return model, tokenizer
 
 
 def private_copy(model: nn.Module, target_modules: list[str]) -> nn.Module:
     """A deep copy of ``model`` that owns its adapter layers, the linears ``target_modules`` names
-    (what adapters wrap) and every trainable tensor, and aliases all other frozen tensors through
-    new ``Parameter`` objects (so flags set on the copy, or ``.data`` swapped by ``.to()``, stay in
-    the copy). Module objects, hooks and attributes are always the copy's own."""
-    patterns = [re.compile(p) for p in target_modules]
+    (what adapters wrap; matched as in :mod:`fedlora.module_patterns`) and every trainable tensor,
+    and aliases all other frozen tensors through new ``Parameter`` objects (so flags set on the
+    copy, or ``.data`` swapped by ``.to()``, stay in the copy). Module objects, hooks and
+    attributes are always the copy's own."""
+    patterns = compile_patterns(target_modules)
     owned = [n for n, m in model.named_modules()
-             if isinstance(m, LoRALinear) or (isinstance(m, BASE_TYPES) and any(p.search(n) for p in patterns))]
+             if isinstance(m, LoRALinear) or (isinstance(m, BASE_TYPES) and matches_any(n, patterns))]
     owned_ids = {id(t) for n in owned for t in [*model.get_submodule(n).parameters(), *model.get_submodule(n).buffers()]}
     memo: dict[int, Any] = {}
     for name, module in model.named_modules():

@@ -12,7 +12,6 @@ model), then replaced one at a time, so peak memory is the model plus one layer.
 
 from __future__ import annotations
 
-import re
 import time
 from collections import Counter
 
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from fedlora.config import QuantConfig
+from fedlora.module_patterns import PatternError, compile_patterns
 from fedlora.quant.formats import quantize_weight, shape_problem
 from fedlora.quant.linear import QuantLinear
 from fedlora.quant.loftq import loftq
@@ -40,7 +40,10 @@ def _plain_lora(adapter: nn.Module) -> bool:
 def _targets(model: nn.Module, cfg: QuantConfig, patterns: list[str]) -> dict[str, tuple[nn.Module, str, nn.Linear, nn.Module | None]]:
     """Layer name (adapter name if wrapped) → (parent, attribute, linear, adapter or None)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    compiled = [re.compile(p) for p in patterns]
+    try:
+        compiled = compile_patterns(patterns)
+    except PatternError as err:
+        raise QuantError(str(err)) from err
     out = {}
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or module is head:
@@ -49,7 +52,7 @@ def _targets(model: nn.Module, cfg: QuantConfig, patterns: list[str]) -> dict[st
         parent = model.get_submodule(parent_name) if parent_name else model
         adapter = parent if child == "base" and _is_adapter(parent) else None
         key = parent_name if adapter is not None else name
-        if cfg.targets == "all_linear" or any(p.search(key) for p in compiled):
+        if cfg.targets == "all_linear" or any(p.matches(key) for p in compiled):
             out[key] = (parent, child, module, adapter)
     return out
 
@@ -76,8 +79,9 @@ def quantize_model(
 ) -> dict:
     """Replace matching ``nn.Linear`` layers by :class:`QuantLinear` in place; return a report.
 
-    ``target_patterns``: regexes (``re.search``) on module names, normally
-    ``cfg.adapter.target_modules``; ignored with ``quant.targets=all_linear`` (every linear but the
+    ``target_patterns``: module patterns, normally ``cfg.adapter.target_modules``, matched as
+    everywhere in fedlora (:mod:`fedlora.module_patterns`: a plain name matches trailing name
+    components, a regex the whole dotted name; an adapter's layer by the adapter's name); ignored with ``quant.targets=all_linear`` (every linear but the
     output head). ``state``: packed tensors from :func:`quantized_state` (e.g. the server's LoftQ
     result) to load instead of quantizing — clients then compute nothing.
 
