@@ -30,6 +30,7 @@ from fedlora.data.records import format_example
 from fedlora.data.splits import tokenize
 from fedlora.model.build import build_model
 from fedlora.model.peft_export import export_state, save_peft_adapter
+from fedlora.node_check import admit_nodes, expect_nodes
 from fedlora.plan import RunPlan, plan_run
 from fedlora.privacy import ClientLevelDP, append_entry, run_entry, worst_epsilon, write_privacy_report
 from fedlora.protocol.messages import (
@@ -76,9 +77,16 @@ DISCOVERY_WINDOW = 16  # queries in flight; the simulation engine's delivery pas
 
 
 def discover(grid: Grid, strategy: LoraStrategy, needed: int, known: list[NodeInfo] | None = None,
-             timeout: float = 300.0) -> list[NodeInfo]:
+             timeout: float = 300.0, *, partition_stats: dict | None = None,
+             warnings: list[str] | None = None) -> list[NodeInfo]:
     """The connected nodes, waiting for at least ``needed``; nodes not ``known`` yet are asked for
-    their partition, rank and data size. Nodes that left are dropped, nodes that joined are added."""
+    their partition, rank and data size and checked together with the known ones
+    (:func:`fedlora.node_check.admit_nodes`; ``partition_stats``, the run's partitioning, adds the
+    data-size check). Nodes that left are dropped, nodes that joined and pass are added.
+
+    Without ``known`` (before round 1) inconsistent node configs raise ``NodeCheckError`` naming
+    the nodes, partitions and fixes; later a failing newcomer is left out. Warnings (partitions no
+    node holds, nodes left out, nodes that failed to answer) are logged and appended to ``warnings``."""
     deadline = time.time() + timeout
     while len(node_ids := list(grid.get_node_ids())) < needed:
         if time.time() > deadline:
@@ -91,12 +99,20 @@ def discover(grid: Grid, strategy: LoraStrategy, needed: int, known: list[NodeIn
         return nodes
     query = [Message(content=RecordDict({CONFIG: ConfigRecord({QUERY: NODE_INFO})}), dst_node_id=n,
                      message_type=MessageType.QUERY) for n in node_ids]
+    new, found = [], []
     for reply in stream_replies(grid, query, timeout, window=DISCOVERY_WINDOW):
         if reply.has_error():
-            log.warning("node %s failed discovery: %s", reply.metadata.src_node_id, reply.error.reason)
+            found.append(f"node {reply.metadata.src_node_id} failed discovery: {short_error(reply.error.reason)}")
             continue
         m = reply.content[METRICS]
-        nodes.append(NodeInfo(reply.metadata.src_node_id, int(m[PARTITION_ID]), int(m[RANK]), int(m[NUM_EXAMPLES])))
+        new.append(NodeInfo(reply.metadata.src_node_id, int(m[PARTITION_ID]), int(m[RANK]), int(m[NUM_EXAMPLES]),
+                            int(m[NUM_PARTITIONS]) if NUM_PARTITIONS in m else None,
+                            bool(m[OWN_DATA]) if OWN_DATA in m else None))
+    nodes, notes = admit_nodes(new, expect_nodes(strategy.cfg, partition_stats), None if known is None else nodes)
+    for note in found + notes:
+        log.warning("%s", note)
+    if warnings is not None:
+        warnings.extend(found + notes)
     check_ranks(strategy.method, [n.rank for n in nodes])
     return nodes
 

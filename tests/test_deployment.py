@@ -4,7 +4,9 @@ as separate processes, each with its own auth key and node config (mixed LoRA ra
 
 1. two rounds of FedEx-LoRA with ranks 4/8/8 on the tiny model: metrics, exact aggregation;
 2. a SuperNode with an unregistered key is refused;
-3. one SuperNode is killed during a round and the run completes with the other two.
+3. a fourth SuperNode copy-pasted with ``partition-id=0`` makes the run refused before round 1,
+   naming both nodes and the fix (:mod:`fedlora.node_check`);
+4. one SuperNode is killed during a round and the run completes with the other two.
 
 Certificates, keys and the federation entry come from :mod:`fedlora.commands.deploy`. Every process
 started here (and what they start: SuperExec, ServerApp and ClientApp processes) is killed at the
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -124,7 +127,9 @@ class Federation:
                         PYTHONUNBUFFERED="1")
         self.procs: list[subprocess.Popen] = []
         self.nodes: list[subprocess.Popen] = []
-        self.certs = generate_certs(tmp / "certs", ["127.0.0.1", "localhost"], ["node0", "node1", "node2", "rogue"])
+        self.certs = generate_certs(tmp / "certs", ["127.0.0.1", "localhost"],
+                                    ["node0", "node1", "node2", "rogue", "twin"])
+        self.node_ids: dict[str, int] = {}  # name → Flower node id, from `flwr supernode register`
         write_federation(FEDERATION, f"127.0.0.1:{self.port}", self.certs["ca_cert"], home=self.home)
         self.app = ROOT
 
@@ -162,6 +167,7 @@ class Federation:
     def register(self, name: str) -> None:
         out = self.flwr("supernode", "register", str(self.certs["nodes"][name]["public"]), FEDERATION)
         assert out.returncode == 0 and "registered" in out.stdout, out.stdout + out.stderr
+        self.node_ids[name] = int(re.search(r"SuperNode (\d+) registered", out.stdout).group(1))
 
     def start_supernode(self, name: str, node_config: str, *extra: str) -> subprocess.Popen:
         return self.start(name, [
@@ -175,10 +181,11 @@ class Federation:
         assert out.returncode == 0, out.stdout + out.stderr
         return json.loads(out.stdout[out.stdout.index("{"):])["nodes"]
 
-    def wait_online(self, count: int, timeout: float = 90) -> None:
+    def wait_online(self, count: int, timeout: float = 90, exactly: bool = False) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
-            if sum(n["status"] == "online" for n in self.node_list()) >= count:
+            online = sum(n["status"] == "online" for n in self.node_list())
+            if online == count or (online > count and not exactly):
                 return
             time.sleep(1)
         logs = "\n".join(self.log(f"node{i}")[-1500:] for i in range(3))
@@ -247,6 +254,35 @@ def test_unregistered_supernode_is_refused(federation):
     assert proc.returncode != 0, log[-2000:]
     assert "Failed to activate SuperNode" in log, log[-2000:]
     assert {n["node-id"] for n in federation.node_list()} == before
+
+
+def test_two_supernodes_on_one_partition_are_refused_before_round_1(federation, tmp_path):
+    """A fourth SuperNode whose node config is node0's (``partition-id=0``): without the check both
+    would train partition 0 and the run would report it as one more client. The ServerApp refuses
+    the run after discovery, before the server's model is built or round 0 is written."""
+    federation.register("twin")
+    twin = federation.start_supernode("twin", "partition-id=0 num-partitions=3 lora-rank=4")
+    run_dir = tmp_path / "run"
+    try:
+        federation.wait_online(4)
+        proc = federation.run(run_dir, "num_rounds=1 strategy.round_timeout=30")
+        out = _finish(federation, proc, timeout=200)
+    finally:
+        _kill_tree(twin)  # SIGTERM: the SuperNode deactivates itself, so the next test sees three nodes
+        federation.wait_online(3, exactly=True)
+    first, second = sorted([federation.node_ids["node0"], federation.node_ids["twin"]])
+    # `flwr run --stream` itself exits 0 whatever the ServerApp did; the run's own status says it failed
+    run_id = re.search(r"Successfully started run (\d+)", out).group(1)
+    listed = federation.flwr("ls", FEDERATION, "--run-id", run_id, "--format", "json")
+    runs = json.loads(listed.stdout[listed.stdout.index("{"):])["runs"]
+    assert [r["status"] for r in runs] == ["finished:failed"], listed.stdout
+    assert "the connected nodes' configs are inconsistent (1 problem); the run is refused before round 1" in out, \
+        out[-4000:]
+    assert (f"partition 0 is claimed by 2 nodes (node {first}, node {second}): its rows would train twice; "
+            f"node {second} duplicates node {first}; stop node {second}, or raise num_clients in the run config "
+            "(every partition 0..2 is held)") in out, out[-4000:]
+    assert "fedlora: 4 clients" not in out and "training on" not in out
+    assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "config.yaml").exists()
 
 
 def test_killed_supernode_run_completes_with_the_others(federation, tmp_path):
