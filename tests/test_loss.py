@@ -46,10 +46,10 @@ def test_response_loss_counts_only_response_tokens(tiny_model, tokenizer):
     with torch.no_grad():
         summed, n = response_loss(tiny_model, batch)
         logits = tiny_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    # Assert: same as full-logit CE restricted to labelled positions; count = response chars + EOS
+    # Assert: same as full-logit CE restricted to labelled positions; count = response chars (with the space after "Answer:") + EOS
     ref = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
                           ignore_index=-100, reduction="sum")
-    assert n == (len("4 #### 4") + 1) + (len("7") + 1)
+    assert n == (len(" 4 #### 4") + 1) + (len(" 7") + 1)  # the prompt's trailing space is the first response token
     torch.testing.assert_close(summed, ref, rtol=1e-5, atol=1e-5)
 
 

@@ -2,7 +2,9 @@
 tokenised examples (cached per worker process, :mod:`fedlora.worker_cache`).
 
 Everything the data needs is checked before the first round (file readable, columns present,
-enough rows for the clients), so bad input fails fast with a clear error.
+every row usable, enough rows for the clients), so bad input fails fast with a clear error. Bad
+rows are checked (and, with ``dataset.bad_rows=skip``, dropped) on the whole file before the
+split, so the server and every client split and partition the same rows.
 """
 
 from __future__ import annotations
@@ -14,15 +16,26 @@ import datasets
 
 from fedlora.config import FedloraConfig
 from fedlora.data.partition import partition_dataset
-from fedlora.data.records import load_records, split_train_eval, tokenize_dataset
+from fedlora.data.records import BadRow, load_records, split_train_eval, tokenize_dataset, usable_rows
+from fedlora.model.loading import load_tokenizer
 from fedlora.worker_cache import EXAMPLES, PARTITIONS, _file_stamp
 
 Examples = list[dict[str, list[int]]]
 
 
-def load_splits(cfg: FedloraConfig) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """The fixed train / held-out split of the configured dataset."""
-    return split_train_eval(load_records(cfg.dataset), cfg.dataset)
+def checked_records(cfg: FedloraConfig, tokenizer: Any = None) -> tuple[datasets.Dataset, list[BadRow]]:
+    """The configured data with its bad rows refused or dropped (:func:`~fedlora.data.records.usable_rows`),
+    and the dropped rows. Without a ``tokenizer`` only the raw values are checked, except with
+    ``dataset.bad_rows=skip``, where the tokenizer ``cfg.model`` names is loaded (no weights) so
+    every process drops exactly the rows the server dropped."""
+    if tokenizer is None and cfg.dataset.bad_rows == "skip":
+        tokenizer = load_tokenizer(cfg.model)
+    return usable_rows(load_records(cfg.dataset), cfg.dataset, tokenizer)
+
+
+def load_splits(cfg: FedloraConfig, tokenizer: Any = None) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """The fixed train / held-out split of the configured dataset's usable rows (:func:`checked_records`)."""
+    return split_train_eval(checked_records(cfg, tokenizer)[0], cfg.dataset)
 
 
 @dataclass
@@ -45,9 +58,9 @@ class _Partitions:
 
 def _partitions(cfg: FedloraConfig, num_partitions: int, data_path: str | None) -> _Partitions:
     if data_path:  # a deployed node's own file: all of it is this node's
-        own = replace(cfg.dataset, path=data_path)
-        train, held_out = split_train_eval(load_records(own), own)
-        return _Partitions([train], held_out, own, [held_out])
+        own = replace(cfg, dataset=replace(cfg.dataset, path=data_path))
+        train, held_out = load_splits(own, load_tokenizer(cfg.model))  # no server checked this file
+        return _Partitions([train], held_out, own.dataset, [held_out])
     train, held_out = load_splits(cfg)
     eval_cfg = replace(cfg.dataset, partitioner="iid", partition_by=None)
     return _Partitions(partition_dataset(train, cfg.dataset, num_partitions), held_out, eval_cfg)

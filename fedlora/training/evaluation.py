@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fedlora.data.records import collate, extract_gsm8k_answer
+from fedlora.data.records import collate, extract_gsm8k_answer, split_boundary
 from fedlora.training.loss import response_hits, scored_hidden
 from fedlora.training.local import move
 from fedlora_kernels import linear_cross_entropy
@@ -57,10 +57,17 @@ def evaluate_loss(
 
 @torch.no_grad()
 def generate_greedy(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
-    """Greedy completions of ``prompts`` (one at a time: no padding effects on small models)."""
+    """Greedy completions of ``prompts`` (one at a time: no padding effects on small models).
+
+    Each prompt is fed as training saw it: without its trailing whitespace
+    (:func:`~fedlora.data.records.split_boundary`), with the tokenizer's special prefix (BOS), so
+    the model produces the space-joined first token of the answer itself (Gemma 3: ``▁Janet``)
+    rather than continuing after a lone ``▁`` it never saw in training. The completion is decoded
+    without special tokens and starts with that space."""
     device = next(model.parameters()).device
     outputs = []
     for prompt in prompts:
+        prompt, _ = split_boundary(prompt, "")
         ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
         out = model.generate(
             ids,
@@ -82,7 +89,9 @@ def gsm8k_accuracy(
     max_new_tokens: int,
     progress: bool = False,
 ) -> dict[str, float | int]:
-    """Exact match of the final number: ``problems`` are (formatted prompt, reference answer)."""
+    """Exact match of the final number: ``problems`` are (prompt, reference answer) pairs as
+    :func:`~fedlora.data.records.format_example` makes them; the prompt goes through
+    :func:`generate_greedy`. Returns ``accuracy`` (0–1), ``correct`` and ``total``."""
     correct = 0
     for prompt, reference in tqdm(problems, desc="gsm8k", leave=False, disable=not progress):
         completion = generate_greedy(model, tokenizer, [prompt], max_new_tokens)[0]
