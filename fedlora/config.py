@@ -22,6 +22,10 @@ class ConfigError(ValueError):
     """A configuration value is unknown, missing or out of range."""
 
 
+RESUME_INPUT_KINDS = ("data", "model", "tokenizer")
+"""The input kinds ``resume_allow_changed`` may name (see :mod:`fedlora.rundir.inputs`)."""
+
+
 def check_choice(key: str, value: Any, options: tuple) -> None:
     """Raise :class:`ConfigError` unless ``value`` is one of ``options``, naming the key and them."""
     if value not in options:
@@ -317,6 +321,10 @@ class FedloraConfig:
     resume: str = ""
     """A run directory to continue from its last checkpoint (``fedlora simulate resume=RUN_DIR``);
     the run goes on in that directory, so ``run_dir`` becomes it."""
+    resume_allow_changed: list[str] = field(default_factory=list)
+    """Input kinds (``data``, ``model``, ``tokenizer``) this resume may find changed since the
+    checkpoint was saved; any other change of the files a run reads is refused. What changed is
+    recorded in the run's checkpoints. Applies to one resume only (never taken from the saved config)."""
     client_cpus: float = 1.0
     """CPU cores per simulated client (Flower/Ray client resources)."""
     client_gpus: float = 0.0
@@ -327,6 +335,13 @@ class FedloraConfig:
             if self.run_dir and os.path.abspath(self.run_dir) != os.path.abspath(self.resume):
                 raise ConfigError(f"resume={self.resume} continues in that run directory; drop run_dir={self.run_dir}")
             self.run_dir = self.resume
+        unknown = [k for k in self.resume_allow_changed if k not in RESUME_INPUT_KINDS]
+        if unknown:
+            raise ConfigError(f"resume_allow_changed={self.resume_allow_changed}: {', '.join(map(repr, unknown))} is not "
+                              f"an input kind; use some of {', '.join(RESUME_INPUT_KINDS)}")
+        if self.resume_allow_changed and not self.resume:
+            raise ConfigError(f"resume_allow_changed={self.resume_allow_changed} applies only to a resume; "
+                              "give resume=RUN_DIR or drop it")
         if self.num_rounds < 1:
             raise ConfigError(f"num_rounds={self.num_rounds} must be at least 1")
         if self.num_clients < 1:

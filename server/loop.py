@@ -464,8 +464,10 @@ def save_round(run: ServerRun, rnd: int) -> Path:
     server = {"ranks": run.ranks, "init_cost": run.init_cost,
               "client_level_accountant": run.client_dp.checkpoint() if run.client_dp else None,
               "wall_seconds": round(time.time() - run.writer.started, 3)}
+    inputs = run.plan.resumed.inputs if run.plan.resumed else None  # as the resume verified them (None: measured)
     return save_checkpoint(run.writer.dir, Checkpoint(rnd, run.state, config_to_dict(run.cfg), list(run.writer.rows),
-                                                      rng_state, rng_tensors, ledger_position(run.writer.dir), server))
+                                                      rng_state, rng_tensors, ledger_position(run.writer.dir), server,
+                                                      inputs=inputs))
 
 
 def restore_run(run: ServerRun, ckpt: Checkpoint) -> None:

@@ -4,7 +4,9 @@ A run killed (SIGKILL of its whole process group) while its clients train round 
 with ``fedlora simulate resume=RUN_DIR``, must equal the same run left alone: every metric, the
 final adapter and the whole server state (base terms, strategy extras). Under example-level DP a
 run stopped after round 1 and resumed to round 2 continues each client's ε. Damaged and
-incompatible checkpoints are refused before any work, with the run directory unchanged.
+incompatible checkpoints are refused before any work, with the run directory unchanged, and so is
+a resume whose data, model or tokenizer files changed since the checkpoint, unless
+``resume_allow_changed`` names the kind (the change is then recorded in the checkpoints).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import torch
 from safetensors.torch import load_file
 from test_fault_tolerance import TINY, run_faulty
 
+from fedlora.config import DatasetConfig
+from fedlora.data.records import resolve_path
 from fedlora.rundir.checkpoint import CheckpointError, load_checkpoint, prepare_resume, round_dirs
 
 COMPARED = ("round", "clients", "rejected", "train_loss", "eval_loss", "eval_token_accuracy", "agg_error",
@@ -136,16 +140,37 @@ def test_a_killed_and_resumed_run_equals_the_uninterrupted_run(resumed_pair, str
 
 
 def test_example_level_dp_epsilon_continues_across_a_resume(tmp_path, run_cli):
+    """Also the one end-to-end check of changed inputs: the resumed run's data file is rewritten
+    between its two parts (the same rows, other bytes), so the resume is refused until
+    ``resume_allow_changed=[data]``, which the resumed run's checkpoints then record."""
     dp = [*TINY, "strategy=ffa", "dp=example", "dp.noise_multiplier=1.0", "dp.target_epsilon=null"]
     straight = tmp_path / "straight"
     proc = run_cli("simulate", *dp, "num_rounds=2", f"hydra.run.dir={straight}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     resumed = tmp_path / "resumed"
-    proc = run_cli("simulate", *dp, "num_rounds=1", f"hydra.run.dir={resumed}", cwd=tmp_path)
+    data = tmp_path / "gsm8k.jsonl"
+    shutil.copyfile(resolve_path(DatasetConfig().path), data)
+    proc = run_cli("simulate", *dp, f"dataset.path={data}", "num_rounds=1", f"hydra.run.dir={resumed}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     eps_round1 = rows(resumed)[1]["epsilon"]
-    proc = run_cli("simulate", f"resume={resumed}", "num_rounds=2", cwd=tmp_path)  # more rounds than planned
+    old_sha = sha256_file(data)
+    assert newest_manifest(resumed)["inputs"]["entries"]["data"]["digest"] == old_sha
+    data.write_text("".join(json.dumps(json.loads(line), separators=(",", ":")) + "\n"
+                            for line in data.read_text().splitlines()))  # the same rows, written compactly
+    new_sha = sha256_file(data)
+    config = load_checkpoint(round_dirs(resumed)[-1]).config
+    with pytest.raises(CheckpointError, match=r"data file .*gsm8k\.jsonl'\) changed: .* resume_allow_changed=\[data\]"):
+        prepare_resume(resumed, {**config, "resume": str(resumed), "num_rounds": 2})
+    proc = run_cli("simulate", f"resume={resumed}", "num_rounds=2", "resume_allow_changed=[data]",  # more rounds than planned
+                   cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "resume_allow_changed=[data]: continuing after round 1 with changed inputs" in proc.stdout
+    inputs = newest_manifest(resumed)["inputs"]
+    assert inputs["round"] == 2 and inputs["entries"]["data"]["digest"] == new_sha
+    (change,) = inputs["changes"]
+    assert (change["after_round"], change["allowed_by"]) == (1, "resume_allow_changed=[data]")
+    assert (change["items"][0]["old"]["digest"], change["items"][0]["new"]["digest"]) == (old_sha, new_sha)
+    assert "resume_allow_changed:\n- data" in (resumed / "config.yaml").read_text()
 
     eps = [r["epsilon"] for r in rows(resumed)[1:]]
     eps_straight = [r["epsilon"] for r in rows(straight)[1:]]
@@ -280,3 +305,136 @@ def test_a_shortened_privacy_ledger_is_refused(tmp_path):
     (tmp_path / "privacy_ledger.jsonl").write_text('{"kind": "run"}\n')
     with pytest.raises(CheckpointError, match="truncated or replaced, and the privacy loss"):
         prepare_resume(tmp_path, cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# the run's inputs: data, model and tokenizer files are recorded and checked on resume
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_rows(path: Path, answers: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"question": f"q{i}", "answer": a}) + "\n" for i, a in enumerate(answers)))
+    return path
+
+
+def newest_manifest(run_dir: Path) -> dict:
+    return json.loads((round_dirs(run_dir)[-1] / "manifest.json").read_text())
+
+
+def test_a_rewritten_data_file_is_refused_unless_allowed_and_the_change_is_recorded(tmp_path, capsys):
+    from fedlora.rundir.checkpoint import Checkpoint, save_checkpoint
+
+    data = write_rows(tmp_path / "data.jsonl", ["1", "2", "3"])
+    run = tmp_path / "run"
+    state, cfg = synthetic_checkpoint(run, dataset={"path": str(data), "split": "train"})
+    old_sha = sha256_file(data)
+    entry = newest_manifest(run)["inputs"]["entries"]["data"]
+    assert (entry["path"], entry["bytes"], entry["method"], entry["digest"]) == (str(data), len(data.read_bytes()), "sha256", old_sha)
+
+    ckpt = prepare_resume(run, cfg)  # unchanged: resumes as before
+    assert ckpt.round == 1 and ckpt.inputs["changes"] == [] and ckpt.inputs["entries"]["data"]["digest"] == old_sha
+
+    write_rows(data, ["1", "2", "4"])  # rewritten: same size, other contents
+    new_sha = sha256_file(data)
+    before = tree_hashes(run)
+    with pytest.raises(CheckpointError) as err:
+        prepare_resume(run, cfg)
+    msg = str(err.value)
+    assert f"data file (dataset.path={str(data)!r}) changed: sha256 {old_sha[:16]}" in msg
+    assert f"sha256 {new_sha[:16]}, {len(data.read_bytes())} bytes" in msg
+    assert "pass resume_allow_changed=[data]" in msg
+    assert tree_hashes(run) == before  # a refused resume writes nothing
+
+    allowed = {**cfg, "resume": str(run), "resume_allow_changed": ["data"]}
+    ckpt = prepare_resume(run, allowed)
+    assert "resume_allow_changed=[data]: continuing after round 1 with changed inputs" in capsys.readouterr().out
+    (change,) = ckpt.inputs["changes"]
+    assert (change["after_round"], change["allowed_by"]) == (1, "resume_allow_changed=[data]")
+    assert [(i["name"], i["old"]["digest"], i["new"]["digest"]) for i in change["items"]] == [("data", old_sha, new_sha)]
+    # the resumed run's next checkpoint carries the change, and the new file is now the run's
+    save_checkpoint(run, Checkpoint(2, state, allowed, ckpt.metrics + [{"round": 2}], ckpt.rng, ckpt.rng_tensors,
+                                    inputs=ckpt.inputs))
+    saved = newest_manifest(run)["inputs"]
+    assert saved["round"] == 2 and saved["entries"]["data"]["digest"] == new_sha and saved["changes"] == [change]
+    assert prepare_resume(run, cfg).inputs["changes"] == [change]  # no override needed for the file it recorded
+
+    # a file rewritten while the run goes on is seen at the next save: printed and recorded, not allowed
+    write_rows(data, ["1", "2", "5", "6"])
+    save_checkpoint(run, Checkpoint(3, state, cfg, ckpt.metrics + [{"round": 2}, {"round": 3}], ckpt.rng, ckpt.rng_tensors))
+    assert "the run's inputs changed while it ran, after round 2" in capsys.readouterr().out
+    seen = newest_manifest(run)["inputs"]["changes"][-1]
+    assert (seen["after_round"], seen["seen_at_round"], seen["allowed_by"]) == (2, 3, None)
+    assert (seen["items"][0]["old"]["digest"], seen["items"][0]["new"]["digest"]) == (new_sha, sha256_file(data))
+
+
+def test_a_checkpoint_without_input_digests_resumes_with_a_note(tmp_path, capsys):
+    from fedlora.rundir.checkpoint import _manifest_digest
+
+    data = write_rows(tmp_path / "data.jsonl", ["1", "2"])
+    _, cfg = synthetic_checkpoint(tmp_path, dataset={"path": str(data)})
+    path = round_dirs(tmp_path)[-1] / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["inputs"]  # as written by fedlora before it recorded inputs
+    manifest["manifest_sha256"] = _manifest_digest(manifest)
+    path.write_text(json.dumps(manifest))
+    assert load_checkpoint(path.parent).inputs is None
+    ckpt = prepare_resume(tmp_path, cfg)
+    assert "could not be verified" in capsys.readouterr().out
+    assert ckpt.inputs["entries"]["data"]["digest"] == sha256_file(data)  # recorded from now on
+    assert ckpt.inputs["changes"] == [{"after_round": 1, "unverified": "the checkpoint recorded no input digests"}]
+
+
+def test_model_directory_files_are_recorded_by_kind_and_a_changed_tokenizer_is_refused(tmp_path):
+    from fedlora.rundir.inputs import SAMPLE_BYTES, SAMPLED, file_digest, input_entries
+
+    model = tmp_path / "model"
+    model.mkdir()
+    for name, text in {"config.json": "{}", "tokenizer.json": '{"v": 1}', "model.safetensors": "w" * 100,
+                       "README.md": "docs", "LICENSE": "terms"}.items():
+        (model / name).write_text(text)
+    run = tmp_path / "run"
+    _, cfg = synthetic_checkpoint(run, model={"name_or_path": str(model), "device": "auto"})
+    entries = newest_manifest(run)["inputs"]["entries"]
+    assert {k: (e["kind"], e["digest"]) for k, e in entries.items()} == {
+        "model/config.json": ("model", sha256_file(model / "config.json")),
+        "model/model.safetensors": ("model", sha256_file(model / "model.safetensors")),
+        "tokenizer/tokenizer.json": ("tokenizer", sha256_file(model / "tokenizer.json")),
+    }  # README and LICENSE are not inputs
+    (model / "README.md").write_text("other docs")
+    assert prepare_resume(run, cfg).inputs["changes"] == []
+    (model / "tokenizer.json").write_text('{"v": 2}')
+    with pytest.raises(CheckpointError, match=r"tokenizer file .*tokenizer\.json changed: .* resume_allow_changed=\[tokenizer\]"):
+        prepare_resume(run, cfg)
+    with pytest.raises(CheckpointError, match="tokenizer file"):  # allowing another kind is not enough
+        prepare_resume(run, {**cfg, "resume": str(run), "resume_allow_changed": ["data", "model"]})
+    assert prepare_resume(run, {**cfg, "resume": str(run), "resume_allow_changed": ["tokenizer"]}).round == 1
+
+    # the sampled digest of large weight files: sha256 of the size and 16 blocks at evenly spaced offsets
+    big = tmp_path / "big.bin"
+    body = bytes(range(256)) * (3 * SAMPLE_BYTES // 256 + 7)
+    big.write_bytes(body)
+    last = len(body) - SAMPLE_BYTES
+    ref = hashlib.sha256(len(body).to_bytes(8, "little"))
+    for i in range(16):
+        ref.update(body[last * i // 15: last * i // 15 + SAMPLE_BYTES])
+    assert file_digest(big, SAMPLED) == ref.hexdigest()
+    assert input_entries({"model": {"name_or_path": "tiny"}}) == {}  # built from code and the config
+
+
+def test_resume_allow_changed_is_checked_and_applies_to_one_resume(tmp_path):
+    from fedlora.config import ConfigError, config_from_dict
+    from fedlora.rundir.checkpoint import resume_config
+
+    with pytest.raises(ConfigError, match="'weights' is not an input kind; use some of data, model, tokenizer"):
+        config_from_dict({"resume": str(tmp_path), "resume_allow_changed": ["weights"]})
+    with pytest.raises(ConfigError, match="applies only to a resume; give resume=RUN_DIR"):
+        config_from_dict({"resume_allow_changed": ["data"]})
+    saved = {"num_rounds": 2, "resume": str(tmp_path), "resume_allow_changed": ["data"]}
+    composed = {"num_rounds": 3, "resume": str(tmp_path), "resume_allow_changed": []}
+    assert resume_config(saved, composed, ["num_rounds=3"])["resume_allow_changed"] == []
+    assert resume_config(saved, {**composed, "resume_allow_changed": ["model"]},
+                         ["resume_allow_changed=[model]"])["resume_allow_changed"] == ["model"]
+

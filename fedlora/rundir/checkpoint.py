@@ -8,14 +8,18 @@ After every round the server writes ``RUN_DIR/checkpoints/round-NNNNN/``::
     manifest.json       format version, round, the run's config and its fingerprint,
                         the state's structure (tensors by name), Python/NumPy/sampling RNG states,
                         the privacy ledger's length, the metrics rows so far, server-side extras
-                        (client-level accountant, init cost), sha256 and size of state.safetensors,
-                        and its own sha256
+                        (client-level accountant, init cost), the digests of the run's inputs
+                        (data, model and tokenizer files: :mod:`fedlora.rundir.inputs`) and every
+                        change to them that was accepted or seen, sha256 and size of
+                        state.safetensors, and its own sha256
 
 A round directory is built under a temporary name and renamed into place in one ``os.rename``, so
 a ``round-*`` directory is always complete; the newest :data:`KEEP` are kept. Loading verifies
 every hash and size and the fingerprint before anything is touched, so a corrupt or incompatible
 checkpoint is refused with what is wrong and how to fix it, and nothing in the run directory
-changes (:func:`prepare_resume` only reads).
+changes (:func:`prepare_resume` only reads). So is a resume whose data, model or tokenizer files
+differ from the ones the checkpoint recorded, unless ``resume_allow_changed`` names that kind; the
+change is then recorded in every later checkpoint (``inputs.changes`` in the manifest).
 
 Clients keep their own state: under example-level DP each client's accountant is saved by the
 client before it replies (``RUN_DIR/clients/<id>/privacy.json`` in simulation,
@@ -44,6 +48,7 @@ from fedlora.adapters.state import LoraFactors
 from fedlora.aggregation.common import GlobalState
 from fedlora.aggregation.terms import DenseTerm
 from fedlora.config import unflatten
+from fedlora.rundir import inputs as run_inputs
 from fedlora.rundir.files import (
     CHECKPOINT_MANIFEST_FILE,
     CHECKPOINT_STATE_FILE,
@@ -58,8 +63,8 @@ FORMAT_VERSION = 1
 KEEP = 2
 """Round directories kept: the newest, and one before it in case the newest is damaged."""
 
-MAY_CHANGE = ("num_rounds", "run_dir", "resume", "eval", "model.device", "model.cache_dir", "client_cpus",
-              "client_gpus", "client_rank_tiers", "strategy.round_timeout", "strategy.max_reply_bytes")
+MAY_CHANGE = ("num_rounds", "run_dir", "resume", "resume_allow_changed", "eval", "model.device", "model.cache_dir",
+              "client_cpus", "client_gpus", "client_rank_tiers", "strategy.round_timeout", "strategy.max_reply_bytes")
 """Config keys a resumed run may change: where and how long it runs, how it evaluates, how long it
 waits. Every other key is part of the fingerprint and must equal the checkpoint's."""
 
@@ -222,6 +227,11 @@ class Checkpoint:
     """Server-side values beyond the strategy state: client ranks, Fed-SB init cost, the
     client-level DP accountant (JSON), wall seconds so far."""
     path: Path | None = None
+    inputs: dict[str, Any] | None = None
+    """The digests of the run's inputs: ``{"round", "entries": {name: entry}, "changes": [...]}``
+    (:mod:`fedlora.rundir.inputs`); None in a checkpoint written before fedlora recorded them.
+    :func:`prepare_resume` replaces it with the inputs as verified now (and the change it
+    accepted); :func:`save_checkpoint` fills it when it is None."""
 
 
 def _sha256_bytes(data: bytes) -> str:
@@ -261,6 +271,7 @@ def save_checkpoint(run_dir: str | Path, ckpt: Checkpoint, keep: int = KEEP) -> 
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    inputs = _inputs_to_save(run_dir, ckpt)
     try:
         tree, tensors = encode_state(ckpt.state)
         tensors.update(ckpt.rng_tensors)
@@ -270,6 +281,7 @@ def save_checkpoint(run_dir: str | Path, ckpt: Checkpoint, keep: int = KEEP) -> 
         manifest = {
             "format_version": FORMAT_VERSION, "round": ckpt.round, "fingerprint": fingerprint(ckpt.config),
             "config": ckpt.config, "state": tree, "rng": ckpt.rng, "ledger": ckpt.ledger, "server": ckpt.server, "metrics": ckpt.metrics,
+            "inputs": inputs,
             "files": {CHECKPOINT_STATE_FILE: {"sha256": _sha256_file(tmp / CHECKPOINT_STATE_FILE), "bytes": (tmp / CHECKPOINT_STATE_FILE).stat().st_size}},
         }  # fmt: skip
         manifest["manifest_sha256"] = _manifest_digest(manifest)
@@ -293,6 +305,39 @@ def save_checkpoint(run_dir: str | Path, ckpt: Checkpoint, keep: int = KEEP) -> 
     for stale in [*root.glob(".tmp-round-*"), *root.glob(".old-round-*")]:  # left by a crash mid-save
         shutil.rmtree(stale, ignore_errors=True)  # (one server writes a run directory at a time)
     return final
+
+
+def _inputs_to_save(run_dir: str | Path, ckpt: Checkpoint) -> dict[str, Any]:
+    """The inputs record for the checkpoint of ``ckpt.round``: ``ckpt.inputs`` (as a resume
+    verified them) or else the newest checkpoint's, with each file ``stat``-ed and hashed again
+    only if its size or mtime changed; computed whole for a run's first checkpoint. A file that
+    changed since the record was made is a change seen during the run: it is printed and recorded
+    (``allowed_by`` names ``resume_allow_changed`` when this resumed run allowed that kind)."""
+    prev = None
+    for newest in reversed(round_dirs(run_dir)):
+        try:
+            prev = json.loads((newest / CHECKPOINT_MANIFEST_FILE).read_text()).get("inputs")
+        except (OSError, ValueError, AttributeError):
+            prev = None
+        break
+    base = ckpt.inputs
+    if base is None or (prev is not None and prev["round"] > base["round"]):
+        base = prev
+    if base is None:
+        return {"round": ckpt.round, "entries": run_inputs.input_entries(ckpt.config), "changes": []}
+    entries, items = run_inputs.refresh(base["entries"])
+    changes = list(base.get("changes", []))
+    if items:
+        kinds = sorted({c["kind"] for c in items})
+        allowed = ckpt.config.get("resume") and set(kinds) <= set(ckpt.config.get("resume_allow_changed") or [])
+        changes.append({"after_round": base["round"], "seen_at_round": ckpt.round,
+                        "allowed_by": f"resume_allow_changed=[{','.join(kinds)}]" if allowed else None, "items": items})
+        if not allowed:
+            print(f"fedlora: warning: the run's inputs changed while it ran, after round {base['round']}: "
+                  f"{'; '.join(run_inputs.describe(c) for c in items)}. Rounds after {base['round']} may mix old and new "
+                  f"contents; recorded in checkpoint round {ckpt.round} (inputs.changes in {CHECKPOINT_MANIFEST_FILE})",
+                  flush=True)
+    return {"round": ckpt.round, "entries": entries, "changes": changes}
 
 
 def round_dirs(run_dir: str | Path) -> list[Path]:
@@ -337,7 +382,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         return Checkpoint(
             round=int(manifest["round"]), state=state, config=manifest["config"], metrics=manifest["metrics"],
             rng=manifest["rng"], rng_tensors={k: v for k, v in tensors.items() if k.startswith("rng/")},
-            ledger=manifest["ledger"], server=manifest["server"], path=path,
+            ledger=manifest["ledger"], server=manifest["server"], path=path, inputs=manifest.get("inputs"),
         )  # fmt: skip
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{path / CHECKPOINT_STATE_FILE} cannot be read: {err}") from None
@@ -371,9 +416,52 @@ def check_compatible(ckpt: Checkpoint, config: dict[str, Any], run_dir: Path) ->
         )
 
 
+def verify_inputs(ckpt: Checkpoint, config: dict[str, Any]) -> dict[str, Any]:
+    """The run's data, model and tokenizer files now (:func:`fedlora.rundir.inputs.input_entries`)
+    against the digests ``ckpt`` recorded. Raises :class:`CheckpointError` naming each changed,
+    new or missing file (both digests, sizes, mtimes) and the fix, unless
+    ``config["resume_allow_changed"]`` lists its kind; then the change is printed and returned in
+    the record's ``changes`` so every later checkpoint carries it. A checkpoint without digests
+    (an earlier fedlora) passes with a printed note. Returns the inputs record to continue with."""
+    allowed = list(config.get("resume_allow_changed") or [])
+    if ckpt.inputs is None:
+        print(f"fedlora: note: {ckpt.path} was written by a fedlora that did not record the digests of its inputs, "
+              "so the data, model and tokenizer files could not be verified against the ones the run used; "
+              "they are recorded from now on", flush=True)
+        return {"round": ckpt.round, "entries": run_inputs.input_entries(config),
+                "changes": [{"after_round": ckpt.round, "unverified": "the checkpoint recorded no input digests"}]}
+    recorded = ckpt.inputs.get("entries", {})
+    methods = {name: e["method"] for name, e in recorded.items() if e.get("method")}
+    current = run_inputs.input_entries(config, methods)
+    changes, notes = run_inputs.compare(recorded, current)
+    for note in notes:
+        print(f"fedlora: note: could not verify {note}", flush=True)
+    refused = [c for c in changes if c["kind"] not in allowed]
+    if refused:
+        kinds = sorted({c["kind"] for c in changes})
+        raise CheckpointError(
+            f"cannot resume from {ckpt.path}: the run's inputs changed since round {ckpt.round} was saved: "
+            f"{'; '.join(run_inputs.describe(c) for c in refused)}. Put back the files the run used, or pass "
+            f"resume_allow_changed=[{','.join(kinds)}] to continue with the changed {' and '.join(kinds)} (recorded in "
+            "the run's checkpoints), or start a new run"
+        )
+    record = {"round": ckpt.round, "entries": current, "changes": list(ckpt.inputs.get("changes", []))}
+    if changes:
+        kinds = sorted({c["kind"] for c in changes})
+        flag = f"resume_allow_changed=[{','.join(kinds)}]"
+        print(f"fedlora: {flag}: continuing after round {ckpt.round} with changed inputs: "
+              f"{'; '.join(run_inputs.describe(c) for c in changes)}; recorded in the run's checkpoints "
+              f"(inputs.changes in {CHECKPOINT_MANIFEST_FILE})", flush=True)
+        record["changes"].append({"after_round": ckpt.round, "seen_at_round": ckpt.round, "allowed_by": flag,
+                                  "items": changes})
+    return record
+
+
 def prepare_resume(run_dir: str | Path, config: dict[str, Any]) -> Checkpoint:
-    """The newest checkpoint of ``run_dir``, verified and checked against ``config``. Reads only:
-    on any problem it raises :class:`CheckpointError` and the run directory is as it was."""
+    """The newest checkpoint of ``run_dir``, verified and checked against ``config`` and the
+    run's input files (:func:`verify_inputs`; ``ckpt.inputs`` becomes the record to continue
+    with). Reads only: on any problem it raises :class:`CheckpointError` and the run directory is
+    as it was."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"resume={run_dir}: no such run directory")
@@ -405,6 +493,7 @@ def prepare_resume(run_dir: str | Path, config: dict[str, Any]) -> Checkpoint:
             "was saved: it was truncated or replaced, and the privacy loss it recorded would be forgotten. "
             "Restore it from a backup before resuming"
         )
+    ckpt.inputs = verify_inputs(ckpt, config)
     return ckpt
 
 
@@ -420,6 +509,7 @@ def resume_config(saved: dict[str, Any], composed: dict[str, Any], overrides: li
     merged = {**_flatten(saved), **picked}
     merged.update({k: v for k, v in flat_now.items() if k not in merged})  # keys newer than the run
     merged["run_dir"] = picked.get("run_dir", "")  # the run continues where it is now, even if moved
+    merged["resume_allow_changed"] = picked.get("resume_allow_changed", [])  # allowed for one resume, never inherited
     if picked.get("client_rank_tiers"):  # the saved config holds earlier tiers expanded into client_ranks
         merged["client_ranks"] = []
     return unflatten(merged)
