@@ -117,6 +117,22 @@ def discover(grid: Grid, strategy: LoraStrategy, needed: int, known: list[NodeIn
     return nodes
 
 
+@dataclass(frozen=True)
+class AcceptedReply:
+    """The numbers of one accepted train reply that the round's row is made of."""
+
+    order: tuple[int, int]
+    """(partition id, node id): the fixed order scalar sums follow, whatever order replies arrive in."""
+    weight: float
+    """Aggregation weight: the client's training-set size (``num-examples``), also under DP-SGD's
+    Poisson sampling, where the examples a round happened to sample are not a weight (see
+    docs/privacy.md); 1 under client-level DP."""
+    loss: float | None
+    """Mean train loss over the tokens the client used; None when it used none."""
+    examples: int
+    seconds: float
+
+
 @dataclass
 class Round:
     """One round's bookkeeping while replies stream in: :meth:`take` checks each train reply and
