@@ -309,6 +309,15 @@ class ServerRun:
     rng: random.Random = field(default_factory=random.Random)
     frame_sent: set[int] = field(default_factory=set)
     """Nodes that have the Fed-SB frame (a resumed run's clients are fresh processes: none)."""
+    node_warnings: list[str] = field(default_factory=list)
+    """What node discovery warned about since the last recorded row (partitions no node holds,
+    nodes left out): the next ``metrics.jsonl`` row records them as ``node_warnings``."""
+
+    def pop_node_warnings(self) -> dict[str, list[str]]:
+        """``{"node_warnings": [...]}`` for the next row (empty when there were none), and forget them."""
+        out = {"node_warnings": list(self.node_warnings)} if self.node_warnings else {}
+        self.node_warnings.clear()
+        return out
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -342,7 +351,9 @@ def prepare(grid: Grid, cfg: FedloraConfig, run_dir: str | Path, plan: RunPlan |
     writer = RunWriter(run_dir)
     print(f"fedlora: run directory {writer.dir}", flush=True)
     print(format_partition_stats(plan.partition_stats), flush=True)
-    nodes = discover(grid, strategy, cfg.strategy.min_clients)
+    node_warnings: list[str] = []
+    nodes = discover(grid, strategy, cfg.strategy.min_clients, partition_stats=plan.partition_stats,
+                     warnings=node_warnings)
     ranks = sorted({n.rank for n in nodes})
     if plan.resumed and max(plan.resumed.server["ranks"]) != max(ranks):
         raise CheckpointError(
@@ -362,7 +373,7 @@ def prepare(grid: Grid, cfg: FedloraConfig, run_dir: str | Path, plan: RunPlan |
     model, tokenizer = server_model(cfg, max(ranks))
     eval_examples = tokenize(plan.held_out, tokenizer, cfg, limit=cfg.eval.max_examples)
     run = ServerRun(cfg, plan, strategy, writer, nodes, ranks, client_dp, model, tokenizer, eval_examples,
-                    rng=random.Random(cfg.seed))
+                    rng=random.Random(cfg.seed), node_warnings=node_warnings)
     if plan.resumed:
         restore_run(run, plan.resumed)
     else:
@@ -398,7 +409,7 @@ def start_run(grid: Grid, run: ServerRun) -> None:
     run.writer.log_round({"round": 0, "strategy": strategy.name, "clients": cost.get("init_clients", 0),
                           "train_loss": None, **run.evaluate(), "agg_error": None,
                           "bytes_up": cost.get("init_bytes_up", 0), "bytes_down": cost.get("init_bytes_down", 0),
-                          "seconds": 0.0, **cost})
+                          "seconds": 0.0, **cost, **run.pop_node_warnings()})
     save_round(run, 0)
 
 
@@ -407,7 +418,8 @@ def play_round(grid: Grid, run: ServerRun, rnd: int) -> dict:
     returns the round's ``metrics.jsonl`` row."""
     cfg, strategy, state = run.cfg, run.strategy, run.state
     started = time.time()
-    run.nodes = discover(grid, strategy, cfg.strategy.min_clients, known=run.nodes)  # who is connected now
+    run.nodes = discover(grid, strategy, cfg.strategy.min_clients, known=run.nodes,  # who is connected now
+                         partition_stats=run.plan.partition_stats, warnings=run.node_warnings)
     sampled = strategy.sample(run.nodes, run.rng)
     print(f"fedlora: round {rnd}/{cfg.num_rounds}: training on {len(sampled)} clients …", flush=True)
     stats, new_state, error = run_round(grid, strategy, state, sampled, rnd, cfg, run.frame_sent, run.writer.dir,
@@ -432,6 +444,7 @@ def play_round(grid: Grid, run: ServerRun, rnd: int) -> dict:
         row["skipped"] = True  # too few usable replies: the previous global adapter stays
     if stats.rejected:
         row["rejected_reasons"] = stats.rejected
+    row.update(run.pop_node_warnings())
     if cfg.dp.mode != "none":
         row["epsilon"] = worst_epsilon(run.writer.dir)
     row["seconds"] = round(time.time() - started, 2)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from fedlora.rundir import files
+from fedlora.rundir.writer import completion
 from fedlora.rundir.files import (
     CONFIG_FILE,
     LEDGER_FILE,
@@ -139,3 +140,24 @@ def test_readers_read_what_the_writer_wrote(tmp_path: Path):
     assert (tmp_path / LEDGER_FILE).is_file() and len(read_ledger(tmp_path)) == 3
     assert start["entries"] == 1 and ledger_position(tmp_path)["entries"] == 3
     assert ledger_entries_since(tmp_path, start) == 1
+
+
+def test_completion_counts_rounds_replies_and_node_warnings_from_the_rows():
+    # Prepare: round 0, a clean round, a skipped round with rejections, a round with node warnings;
+    # 5 rounds planned
+    rows = [{"round": 0, "node_warnings": ["partition 2 is held by no node: its 373 examples never train"]},
+            {"round": 1, "rejected": 0}, {"round": 2, "skipped": True, "rejected": 2},
+            {"round": 3, "rejected": 1, "node_warnings": ["node 7 left out", "node 9 left out"]}]
+    # Execute
+    done, clean = completion(rows, planned_rounds=5), completion([{"round": 0}, rows[1]])
+    # Assert
+    assert (done["planned_rounds"], done["completed_rounds"], done["skipped_rounds"], done["rejected_replies"]) == (
+        5, 2, [2], 3)
+    assert done["caveats"] == [
+        "round 2 skipped (too few usable replies; the previous global adapter stayed)",
+        "3 client replies rejected (see rejected_reasons in metrics.jsonl)",
+        "3 node warnings (e.g. a partition no node holds; see node_warnings in metrics.jsonl)",
+        "3 of 5 planned rounds ran",
+    ]
+    assert clean == {"planned_rounds": 1, "completed_rounds": 1, "skipped_rounds": [], "rejected_replies": 0,
+                     "caveats": []}

@@ -185,7 +185,8 @@ def completion(rows: list[dict[str, Any]], planned_rounds: int | None = None) ->
 
     ``planned_rounds`` (default: the last round recorded), ``completed_rounds`` (rounds that
     produced a new global adapter), ``skipped_rounds`` (the rounds too few usable replies left
-    unaggregated: the previous adapter stayed), ``rejected_replies`` (over all rounds) and
+    unaggregated: the previous adapter stayed), ``rejected_replies`` (over all rounds; node
+    discovery's ``node_warnings`` count among the caveats) and
     ``caveats``: one sentence per way the run falls short of a clean run (empty when it does not),
     which ``report.md`` and ``fedlora compare`` show beside its numbers."""
     rounds = [r for r in rows if r.get("round", 0) > 0]
@@ -200,6 +201,10 @@ def completion(rows: list[dict[str, Any]], planned_rounds: int | None = None) ->
     if rejected:
         caveats.append(f"{rejected} client repl{'ies' if rejected > 1 else 'y'} rejected "
                        f"(see rejected_reasons in {METRICS_FILE})")
+    warned = sum(len(r.get("node_warnings") or []) for r in rows)
+    if warned:
+        caveats.append(f"{warned} node warning{'s' if warned > 1 else ''} (e.g. a partition no node holds; "
+                       f"see node_warnings in {METRICS_FILE})")
     if len(rounds) < planned:
         caveats.append(f"{len(rounds)} of {planned} planned rounds ran")
     return {"planned_rounds": planned, "completed_rounds": completed, "skipped_rounds": skipped,
