@@ -68,8 +68,14 @@ def _partitions(cfg: FedloraConfig, num_partitions: int, data_path: str | None) 
 
 def _client_partitions(cfg: FedloraConfig, num_partitions: int, data_path: str | None) -> _Partitions:
     path = data_path or cfg.dataset.path
-    key = repr((cfg.dataset, _file_stamp(path), num_partitions, data_path))
+    key = repr((cfg.dataset, _file_stamp(path), num_partitions, data_path, _tokenizer_source(cfg)))
     return PARTITIONS.get(key, lambda: _partitions(cfg, num_partitions, data_path))
+
+
+def _tokenizer_source(cfg: FedloraConfig) -> tuple:
+    """What decides the tokenizer, and so which rows the token check drops (``bad_rows=skip``)."""
+    m = cfg.model
+    return (m.name_or_path, m.gguf_package, m.gguf_file, m.cache_dir)
 
 
 def client_split(
@@ -105,7 +111,7 @@ def client_examples(
     must not be modified."""
     path = data_path or cfg.dataset.path
     key = repr((cfg.dataset, _file_stamp(path), num_partitions, data_path, partition_id if not data_path else 0,
-                split, limit, cfg.model.name_or_path, cfg.model.gguf_package, cfg.model.gguf_file, cfg.model.cache_dir))
+                split, limit, *_tokenizer_source(cfg)))
 
     def make() -> Examples:
         return tokenize(client_split(cfg, partition_id, num_partitions, data_path, split), tokenizer, cfg, limit)
