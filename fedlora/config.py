@@ -69,14 +69,16 @@ class AdapterConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     rslora: bool = False
-    target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
-    """The linear layers that get adapters; default: all attention and MLP projections of
-    Llama/Gemma/Qwen/Mistral. Each entry is a module name, matched by whole trailing name
-    components (``v_proj`` matches ``model.layers.0.self_attn.v_proj``, never ``…qkv_proj``), or a
-    regular expression (any character beyond letters, digits, ``_`` and ``.``) matched against the
-    whole dotted module name (``.*\\.layers\\.[0-3]\\..*_proj``); see
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """The linear layers that get adapters. Default ``[all-linear]`` (PEFT's convention): every
+    linear layer inside the model's decoder blocks, resolved for the model at hand, never the
+    output head or the embeddings — on Gemma 3, Llama, Mistral and Qwen2 the seven attention and
+    MLP projections ``q/k/v/o/gate/up/down_proj``, on Phi-3 ``qkv_proj, o_proj, gate_up_proj,
+    down_proj``, on GPT-NeoX ``query_key_value, dense, dense_h_to_4h, dense_4h_to_h``, on GPT-2 its
+    ``Conv1D`` layers ``c_attn, c_proj, c_fc``. Other entries are a module name, matched by whole
+    trailing name components (``v_proj`` matches ``model.layers.0.self_attn.v_proj``, never
+    ``…qkv_proj``), or a regular expression (any character beyond letters, digits, ``_`` and ``.``)
+    matched against the whole dotted module name (``.*\\.layers\\.[0-3]\\..*_proj``); see
     :mod:`fedlora.module_patterns`. Before any work every pattern must match at least one linear
     layer and nothing else: not the output head, the input embeddings, norms or whole blocks
     (:func:`fedlora.model.targets.check_targets`)."""

@@ -20,12 +20,15 @@ from fedlora.config import AdapterConfig, ConfigError, FedloraConfig, ModelConfi
 from fedlora.model.build import build_model
 from fedlora.model.loading import ModelError, load_model
 from fedlora.model.targets import check_targets, model_skeleton, resolve_targets
+from fedlora.model.tiny import build_tiny_model, build_tiny_tokenizer
 from fedlora.module_patterns import PatternError, compile_pattern
 from fedlora.quant import QuantError, quantize_model
 from fedlora.worker_cache import clear_worker_cache
 
 DEFAULT = AdapterConfig().target_modules
 TINY_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+"""The seven projections per layer that the default adapted before ``all-linear`` (and still does on
+Llama, Gemma 3, Mistral, Qwen2)."""
 
 
 def tiny_cfg(target_modules: list[str], **model) -> FedloraConfig:
@@ -76,8 +79,8 @@ def test_invalid_or_empty_patterns_are_config_errors():
 # what the check reports
 
 
-def test_default_patterns_on_the_tiny_model_count_every_layer():
-    report = check_targets(tiny_cfg(DEFAULT))
+def test_named_patterns_on_the_tiny_model_count_every_layer():
+    report = check_targets(tiny_cfg(TINY_LINEARS))
     assert [(p.pattern, p.kind, len(p.layers), p.types) for p in report.patterns] == [
         (name, "name", 2, {"Linear": 2}) for name in TINY_LINEARS]
     assert len(report.layers) == report.linear_layers == 14  # 7 per layer × 2 layers; lm_head not counted
@@ -86,9 +89,71 @@ def test_default_patterns_on_the_tiny_model_count_every_layer():
     d = json.loads(json.dumps(report.to_dict()))
     assert (d["architecture"], d["layers"], d["linear_layers"], d["types"]) == ("LlamaForCausalLM", 14, 14, {"Linear": 14})
     assert d["patterns"][2] == {"pattern": "v_proj", "kind": "name", "count": 2, "types": {"Linear": 2},
+                                "names": {"v_proj": 2},
                                 "layers": ["model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj"]}
     assert report.format().startswith("adapters on 14 of 14 linear layers of LlamaForCausalLM (Linear: 14); "
                                       "layers per pattern: q_proj: 2, k_proj: 2, v_proj: 2")
+
+
+def test_the_default_all_linear_adapts_every_block_projection_and_says_which():
+    assert DEFAULT == ["all-linear"]
+    report = check_targets(tiny_cfg(DEFAULT))
+    assert report.layers == resolve_targets(tiny_cfg(TINY_LINEARS)).layers  # the same 14 layers, same order
+    assert [(p.pattern, p.kind, len(p.layers), p.names) for p in report.patterns] == [
+        ("all-linear", "all-linear", 14, {name: 2 for name in TINY_LINEARS})]
+    assert report.format() == (
+        "adapters on 14 of 14 linear layers of LlamaForCausalLM (Linear: 14); layers per pattern: all-linear: 14 "
+        "(q_proj 2, k_proj 2, v_proj 2, o_proj 2, gate_proj 2, up_proj 2, down_proj 2)")
+    assert report.to_dict()["patterns"][0]["kind"] == "all-linear"
+
+
+def test_all_linear_on_gemma3_is_exactly_the_seven_projections_the_old_default_named():
+    # Gemma3ForCausalLM as the main job loads it (2 layers here: the names per layer are the model's);
+    # the real 270M skeleton gives the same 126 = 18 × 7 layers.
+    config = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                              max_position_embeddings=64, tie_word_embeddings=True)
+    from transformers import Gemma3ForCausalLM
+
+    with torch.device("meta"):
+        gemma = Gemma3ForCausalLM(config)
+    new, old = resolve_module_targets(gemma, ["all-linear"]), resolve_module_targets(gemma, TINY_LINEARS)
+    assert new.layers == old.layers and len(new.layers) == 14
+    assert "lm_head" not in new.layers and new.types == {"Linear": 14}
+
+
+def test_all_linear_takes_only_linears_inside_the_blocks():
+    # a linear outside the decoder blocks (a projection after the embeddings) is not all-linear's
+    model = build_tiny_model(len(build_tiny_tokenizer()), seed=0)
+    model.model.embed_proj = torch.nn.Linear(64, 64)
+    report = resolve_module_targets(model, ["all-linear"])
+    assert len(report.layers) == 14 and report.linear_layers == 15
+    assert "model.embed_proj" in resolve_module_targets(model, ["all-linear", "embed_proj"]).layers
+    with pytest.raises(TargetError) as err:  # a model without blocks
+        resolve_module_targets(torch.nn.Sequential(torch.nn.Linear(4, 4)), ["all-linear"])
+    assert str(err.value) == (
+        "adapter.target_modules pattern 'all-linear' matches no linear layer of Sequential: it takes the linear "
+        "layers inside the decoder blocks (the elements of an nn.ModuleList such as model.layers), and Sequential "
+        "has none; its linear layers, all outside them, are named like: 0 (full names like '0'): name them instead")
+
+
+def test_all_linear_on_an_adapted_model_is_refused():
+    model = build_tiny_model(len(build_tiny_tokenizer()), seed=0)
+    inject_adapters(model, AdapterConfig(target_modules=["all-linear"]), LoRALinear)
+    with pytest.raises(TargetError, match="'all-linear' matches 14 layer.s. that already carry an adapter"):
+        inject_adapters(model, AdapterConfig(target_modules=["all-linear"]), LoRALinear)
+
+
+def test_the_report_is_saved_in_the_run_directory(tmp_path):
+    from fedlora.model.targets import save_target_report
+    from fedlora.rundir.files import ADAPTER_TARGETS_FILE
+
+    report = resolve_targets(tiny_cfg(["all-linear"]))
+    path = save_target_report(report, tmp_path)
+    assert path == tmp_path / ADAPTER_TARGETS_FILE == tmp_path / "adapter_targets.json"
+    saved = json.loads(path.read_text())
+    assert saved == report.to_dict()
+    assert (saved["architecture"], saved["layers"], saved["patterns"][0]["names"]["down_proj"]) == ("LlamaForCausalLM", 14, 2)
 
 
 def test_a_pattern_for_some_layers_is_fine_and_counted():
@@ -162,12 +227,12 @@ def test_a_regex_that_only_a_search_would_match_gets_the_full_match_hint():
 
 @pytest.mark.parametrize(("pattern", "what"), [
     ("mlp", "matches 2 module(s) that are not linear layers (LlamaMLP ×2: 'model.layers.0.mlp', "
-            "'model.layers.1.mlp'); adapters wrap linear layers only (nn.Linear, QuantLinear): name the linear "
+            "'model.layers.1.mlp'); adapters wrap linear layers only (nn.Linear, Conv1D, QuantLinear): name the linear "
             "layers inside instead: gate_proj, up_proj, down_proj"),
     ("input_layernorm", "matches 2 module(s) that are not linear layers (LlamaRMSNorm ×2: "
                         "'model.layers.0.input_layernorm', 'model.layers.1.input_layernorm')"),
     ("layers.1", "(LlamaDecoderLayer ×1: 'model.layers.1'); adapters wrap linear layers only (nn.Linear, "
-                 "QuantLinear): name the linear layers inside instead: " + ", ".join(TINY_LINEARS)),
+                 "Conv1D, QuantLinear): name the linear layers inside instead: " + ", ".join(TINY_LINEARS)),
     (r".*self_attn.*", "matches 2 module(s) that are not linear layers (LlamaAttention ×2"),
 ])
 def test_non_linear_modules_are_refused_naming_their_type(pattern, what):
@@ -212,6 +277,12 @@ def test_quantization_and_private_copies_use_the_same_rule():
     with pytest.raises(QuantError, match=r"quantization targets \['v_proj'\] match no linear layer"):
         quantize_model(phi3, QuantConfig(format="int8"), ["v_proj"])
     assert quantize_model(phi3, QuantConfig(format="int8"), ["qkv_proj"])["layers"] == 2
+    assert quantize_model(Phi3ForCausalLM(phi3_config()), QuantConfig(format="int8"), ["all-linear"])["layers"] == 8
+    owned = private_copy(phi3, ["all-linear"])
+    # all-linear owns every block linear (base terms and merges write there) and aliases the rest
+    assert owned.model.layers[0].mlp.gate_up_proj.weight.data_ptr() != phi3.model.layers[0].mlp.gate_up_proj.weight.data_ptr()
+    assert owned.model.layers[1].mlp.down_proj.weight.data_ptr() != phi3.model.layers[1].mlp.down_proj.weight.data_ptr()
+    assert owned.model.embed_tokens.weight.data_ptr() == phi3.model.embed_tokens.weight.data_ptr()
     copy = private_copy(phi3, ["o_proj"])
     # owned: the two o_proj layers; aliased: every other frozen tensor (e.g. the fused up/gate weights)
     assert copy.model.layers[0].self_attn.o_proj.weight.data_ptr() != phi3.model.layers[0].self_attn.o_proj.weight.data_ptr()

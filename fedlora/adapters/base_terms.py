@@ -1,6 +1,7 @@
 """Exact low-rank terms folded into a frozen base weight: W_eff = W + Σ_k B_k·A_k.
 
-FedEx-LoRA residuals and FLoRA stacks live here. On a dense base they are added to the weight in
+FedEx-LoRA residuals and FLoRA stacks live here. On a dense base (``nn.Linear``, or a ``Conv1D``
+whose transposed storage :func:`fedlora.linear_layout.weight_view` hides) they are added to the weight in
 fp32 (a bf16 base would round small terms away, so the sum is formed in fp32 and cast once). A
 quantized base cannot absorb them without requantising, so they go to its full-precision low-rank
 side term (:meth:`fedlora.quant.QuantLinear.add_side_term`, with the documented policy when its
@@ -15,6 +16,7 @@ from torch import nn
 from fedlora.adapters.inject import adapter_modules
 from fedlora.adapters.lora import AdapterError
 from fedlora.adapters.state import LoraFactors
+from fedlora.linear_layout import weight_view
 
 
 @torch.no_grad()
@@ -35,7 +37,7 @@ def apply_base_terms(model: nn.Module, terms: dict[str, list[LoraFactors]]) -> l
                 b, a = (t.scale * t.B.float()).to(base.side_B.device), t.A.float().to(base.side_A.device)
                 reports.append({"layer": name, **base.add_side_term(b, a)})
             continue
-        w = base.weight
+        w = weight_view(base)  # (d_out, d_in); a Conv1D base's transposed view writes through
         total = w.float()
         for t in layer_terms:
             total = total + t.delta(torch.float32).to(w.device)

@@ -17,6 +17,7 @@ from fedlora.adapters.lora import AdapterError, LoRALinear, layer_generator
 from fedlora.adapters.state import AdapterState, LoraFactors
 from fedlora.adapters.targets import BASE_TYPES, resolve_module_targets
 from fedlora.config import AdapterConfig
+from fedlora.linear_layout import features
 
 __all__ = ["BASE_TYPES", "adapter_modules", "get_adapter_state", "inject_adapters", "set_adapter_state",
            "trainable_parameters"]
@@ -32,9 +33,10 @@ def _module_rank(name: str, cfg: AdapterConfig, rank: int) -> int:
 def inject_adapters(
     model: nn.Module, cfg: AdapterConfig, adapter_cls: type[LoRALinear], *, rank: int | None = None
 ) -> list[str]:
-    """Wrap every linear layer (``nn.Linear`` or ``QuantLinear``, :data:`BASE_TYPES`) that a
-    ``cfg.target_modules`` pattern names (:mod:`fedlora.module_patterns`: a plain name matches
-    trailing name components, a regex the whole dotted name).
+    """Wrap every linear layer (``nn.Linear``, ``Conv1D`` or ``QuantLinear``, :data:`BASE_TYPES`)
+    that a ``cfg.target_modules`` pattern names (:mod:`fedlora.module_patterns`: a plain name
+    matches trailing name components, a regex the whole dotted name, ``all-linear`` every linear
+    layer inside the decoder blocks).
 
     ``rank`` overrides ``cfg.rank`` (a client's own rank); ``cfg.rank_pattern`` (regexes searched
     in the name, first match wins) still wins per module. Returns the adapted module names, sorted.
@@ -48,10 +50,11 @@ def inject_adapters(
     targets = {n: model.get_submodule(n) for n in report.layers}
     ranks = {n: _module_rank(n, cfg, rank) for n in targets}
     for name, module in targets.items():  # validate all before changing anything
-        if not 1 <= ranks[name] <= min(module.in_features, module.out_features):
+        d_in, d_out = features(module)
+        if not 1 <= ranks[name] <= min(d_in, d_out):
             raise AdapterError(
                 f"rank {ranks[name]} for {name} does not fit its shape "
-                f"(d_out={module.out_features}, d_in={module.in_features}); lower adapter.rank "
+                f"(d_out={d_out}, d_in={d_in}); lower adapter.rank "
                 "or add an adapter.rank_pattern entry for this module"
             )
     for p in model.parameters():

@@ -9,8 +9,10 @@
 
 The adapter factors are kept in fp32 whatever the base dtype, so a bf16 base does not round the
 (small) update away. ``delta_weight()`` is the one dense view of the update, s·B·A, used by merges,
-exactness checks and tests. The base is any module with ``in_features``/``out_features`` that maps
-x → x·Wᵀ; a quantized base (later) slots in there without touching this file.
+exactness checks and tests. The base is any module that maps x → x·Wᵀ (+ b): ``nn.Linear``, a
+``transformers`` ``Conv1D`` (GPT-2; its weight is stored transposed, (d_in, d_out)) or a quantized
+``QuantLinear``. The base's sizes and its weight as a (d_out, d_in) matrix are read only through
+:mod:`fedlora.linear_layout`, the one place that knows the Conv1D layout.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import zlib
 
 import torch
 from torch import nn
+
+from fedlora.linear_layout import features, weight_view
 
 
 class AdapterError(ValueError):
@@ -51,7 +55,7 @@ class LoRALinear(nn.Module):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        d_in, d_out = base.in_features, base.out_features
+        d_in, d_out = features(base)
         if rank > min(d_in, d_out):
             raise AdapterError(
                 f"LoRA rank {rank} exceeds the layer's smallest dimension min(d_in={d_in}, "
@@ -72,11 +76,11 @@ class LoRALinear(nn.Module):
 
     @property
     def in_features(self) -> int:
-        return self.base.in_features
+        return features(self.base)[0]
 
     @property
     def out_features(self) -> int:
-        return self.base.out_features
+        return features(self.base)[1]
 
     def delta_weight(self) -> torch.Tensor:
         """The dense update s·B·A, shape (d_out, d_in), fp32."""
@@ -120,7 +124,7 @@ class LoRALinear(nn.Module):
             self._merge_token = self.base.add_side_term(self.scale * self.lora_B.detach(), self.lora_A.detach(), exact=True)
             self.merged = True
         if not self.merged:
-            w = self.base.weight
+            w = weight_view(self.base)  # (d_out, d_in), whatever the base's storage layout
             w.copy_((w.float() + self.delta_weight()).to(w.dtype))
             self.merged = True
 
@@ -130,7 +134,7 @@ class LoRALinear(nn.Module):
             self.base.remove_side_term(self._merge_token)
             self.merged = False
         if self.merged:
-            w = self.base.weight
+            w = weight_view(self.base)
             w.copy_((w.float() - self.delta_weight()).to(w.dtype))
             self.merged = False
 

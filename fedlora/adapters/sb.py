@@ -70,7 +70,7 @@ class SBLinear(LoRALinear):
         if saved is not None:
             generator.set_state(saved)
         device = self.lora_A.device
-        frame_b, frame_a = data_free_frame(base.out_features, base.in_features, rank, generator)
+        frame_b, frame_a = data_free_frame(self.out_features, self.in_features, rank, generator)
         self.register_buffer("frame_B", frame_b.to(device))  # (d_out, r), fixed
         self.register_buffer("frame_A", frame_a.to(device))  # (r, d_in), fixed
         self.lora_A = nn.Parameter(torch.zeros(rank, rank, device=device))  # R (r, r), trained

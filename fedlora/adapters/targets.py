@@ -2,7 +2,8 @@
 
 :func:`resolve_module_targets` applies the matching rule of :mod:`fedlora.module_patterns` (a
 plain name matches trailing name components, anything else is a regex matched against the whole
-dotted name) to every module of a model and refuses, naming the pattern and what it matched:
+dotted name, ``all-linear`` every linear layer inside the decoder blocks) to every module of a
+model and refuses, naming the pattern and what it matched:
 
 - a pattern that matches nothing (the message lists the model's linear layer names);
 - a pattern that matches the output head: the loss and evaluation form logits from the head's
@@ -10,8 +11,9 @@ dotted name) to every module of a model and refuses, naming the pattern and what
   trained nor applied, and on models that tie the head to the input embeddings (Gemma) it would
   change both;
 - a pattern that matches the input embeddings, a norm, an activation, or a whole attention block,
-  MLP or decoder layer: adapters wrap linear layers only (``nn.Linear`` and fedlora's
-  ``QuantLinear``); the message names the linear layers inside such a block instead;
+  MLP or decoder layer: adapters wrap linear layers only (``nn.Linear``, ``transformers``'
+  ``Conv1D`` of the GPT-2 family, and fedlora's ``QuantLinear``); the message names the linear
+  layers inside such a block instead;
 - a layer that already carries an adapter.
 
 A pattern that matches only some layers (``layers.0.self_attn.q_proj``) is fine; the report says
@@ -28,11 +30,13 @@ from typing import Any
 from torch import nn
 
 from fedlora.adapters.lora import AdapterError
-from fedlora.module_patterns import ModulePattern, PatternError, compile_patterns
+from fedlora.linear_layout import DENSE_TYPES
+from fedlora.module_patterns import ALL_LINEAR, ModulePattern, PatternError, all_linear_layers, compile_patterns
 from fedlora.quant.linear import QuantLinear
 
-BASE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, QuantLinear)
-"""Frozen layers an adapter can wrap: dense linears and quantized ones (``fedlora.quant``)."""
+BASE_TYPES: tuple[type[nn.Module], ...] = (*DENSE_TYPES, QuantLinear)
+"""Frozen layers an adapter can wrap: dense linears (``nn.Linear``, GPT-2's transposed ``Conv1D``:
+:mod:`fedlora.linear_layout`) and quantized ones (``fedlora.quant``)."""
 
 KEY = "adapter.target_modules"
 
@@ -48,11 +52,15 @@ class PatternMatch:
 
     pattern: str
     kind: str
-    """``name`` (matches trailing name components) or ``regex`` (matches the whole name)."""
+    """``name`` (matches trailing name components), ``regex`` (matches the whole name) or
+    ``all-linear`` (every linear layer inside the decoder blocks)."""
     layers: tuple[str, ...]
     """Matched module names, in the model's order."""
     types: dict[str, int]
     """Module class name → how many of :attr:`layers` are of it (e.g. ``{"Linear": 18}``)."""
+    names: dict[str, int]
+    """Last name component → how many of :attr:`layers` end in it, in first-seen order
+    (``{"q_proj": 18, "k_proj": 18, …}``): what ``all-linear`` or a regex resolved to."""
 
 
 @dataclass(frozen=True)
@@ -72,22 +80,25 @@ class TargetReport:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only: ``architecture``, ``layers`` (count), ``linear_layers``, ``types``,
-        ``patterns`` (list of ``{pattern, kind, count, types, layers}``), ``adapted`` (names)."""
+        ``patterns`` (list of ``{pattern, kind, count, types, names, layers}``), ``adapted`` (names)."""
         return {
             "architecture": self.architecture,
             "layers": len(self.layers),
             "linear_layers": self.linear_layers,
             "types": dict(self.types),
             "patterns": [{"pattern": p.pattern, "kind": p.kind, "count": len(p.layers), "types": dict(p.types),
-                          "layers": list(p.layers)} for p in self.patterns],
+                          "names": dict(p.names), "layers": list(p.layers)} for p in self.patterns],
             "adapted": list(self.layers),
         }
 
     def format(self) -> str:
         """One line, e.g. ``adapters on 14 of 14 linear layers of LlamaForCausalLM (Linear: 14);
-        q_proj: 2, k_proj: 2, …``."""
+        layers per pattern: all-linear: 14 (q_proj 2, k_proj 2, …)``: a pattern that is not a plain
+        name also says which layer names it resolved to."""
         types = ", ".join(f"{t}: {n}" for t, n in self.types.items())
-        per = ", ".join(f"{p.pattern}: {len(p.layers)}" for p in self.patterns)
+        per = ", ".join(f"{p.pattern}: {len(p.layers)}" + (
+            f" ({', '.join(f'{k} {v}' for k, v in p.names.items())})" if p.kind != "name" else "")
+            for p in self.patterns)
         return (f"adapters on {len(self.layers)} of {self.linear_layers} linear layers of {self.architecture} "
                 f"({types}); layers per pattern: {per}")
 
@@ -118,6 +129,11 @@ def _examples(names: list[str], k: int = 3) -> str:
 
 
 def _no_match(p: ModulePattern, arch: str, adaptable: list[str]) -> str:
+    if p.kind == ALL_LINEAR:
+        where = (f"; its linear layers, all outside them, are named like: {', '.join(_last_names(adaptable))} (full "
+                 f"names like {adaptable[0]!r}): name them instead" if adaptable else "")
+        return (f"{KEY} pattern {p.text!r} matches no linear layer of {arch}: it takes the linear layers inside the "
+                f"decoder blocks (the elements of an nn.ModuleList such as model.layers), and {arch} has none{where}")
     msg = (f"{KEY} pattern {p.text!r} matches no linear layer of {arch}; its linear layers are named like: "
            f"{', '.join(_last_names(adaptable))} (full names like {adaptable[0]!r})" if adaptable else
            f"{KEY} pattern {p.text!r} matches no linear layer of {arch}, which has no linear layer fedlora can adapt")
@@ -143,7 +159,8 @@ def resolve_module_targets(model: nn.Module, target_modules: list[str]) -> Targe
     """Resolve ``target_modules`` (see :mod:`fedlora.module_patterns`) against ``model``'s modules.
 
     Returns a :class:`TargetReport` when every pattern matches at least one adaptable linear layer
-    (``nn.Linear`` or ``QuantLinear``, not the output head) and nothing else. Raises
+    (``nn.Linear``, ``Conv1D`` or ``QuantLinear``, not the output head) and nothing else;
+    ``all-linear`` resolves to every such layer inside the decoder blocks. Raises
     :class:`TargetError` listing every offending pattern and what it matched otherwise (an invalid
     regex included). Reads names and types only, so ``model`` may be a meta-device skeleton.
     """
@@ -157,10 +174,11 @@ def resolve_module_targets(model: nn.Module, target_modules: list[str]) -> Targe
     modules = list(model.named_modules())
     name_of = {id(m): n for n, m in modules}
     adaptable = [n for n, m in modules if isinstance(m, BASE_TYPES) and m is not head]
+    in_blocks = all_linear_layers(model, BASE_TYPES) if any(p.kind == ALL_LINEAR for p in patterns) else frozenset()
     problems: list[str] = []
     matches: list[PatternMatch] = []
     for p in patterns:
-        hit = [(n, m) for n, m in modules if p.matches(n)]
+        hit = [(n, m) for n, m in modules if p.matches(n, in_blocks)]
         if not hit:
             problems.append(_no_match(p, arch, adaptable))
             continue
@@ -200,10 +218,11 @@ def resolve_module_targets(model: nn.Module, target_modules: list[str]) -> Targe
                    f"name linear layers instead, e.g. {', '.join(_last_names(adaptable)[:7])}")
             problems.append(
                 f"{KEY} pattern {p.text!r} matches {len(other)} module(s) that are not linear layers ({what}); "
-                f"adapters wrap linear layers only (nn.Linear, QuantLinear): {fix}")
+                f"adapters wrap linear layers only (nn.Linear, Conv1D, QuantLinear): {fix}")
         if not bad:
             counts = Counter(type(m).__name__ for _, m in hit)
-            matches.append(PatternMatch(p.text, p.kind, tuple(n for n, _ in hit), dict(counts)))
+            names = Counter(n.rpartition(".")[2] for n, _ in hit)
+            matches.append(PatternMatch(p.text, p.kind, tuple(n for n, _ in hit), dict(counts), dict(names)))
     if problems:
         raise TargetError("\n".join(problems))
     chosen = {n for m in matches for n in m.layers}

@@ -19,7 +19,7 @@ from fedlora.adapters.inject import BASE_TYPES
 from fedlora.adapters.targets import resolve_module_targets
 from fedlora.config import FedloraConfig
 from fedlora.model.loading import load_model
-from fedlora.module_patterns import compile_patterns, matches_any
+from fedlora.module_patterns import all_linear_layers, compile_patterns, matches_any
 from fedlora.quant import quantize_model
 from fedlora.worker_cache import _BUILT_ONCE, BASES, _file_stamp
 
@@ -89,8 +89,9 @@ def private_copy(model: nn.Module, target_modules: list[str]) -> nn.Module:
     copy, or ``.data`` swapped by ``.to()``, stay in the copy). Module objects, hooks and
     attributes are always the copy's own."""
     patterns = compile_patterns(target_modules)
+    in_blocks = all_linear_layers(model, BASE_TYPES)  # what an all-linear pattern names
     owned = [n for n, m in model.named_modules()
-             if isinstance(m, LoRALinear) or (isinstance(m, BASE_TYPES) and matches_any(n, patterns))]
+             if isinstance(m, LoRALinear) or (isinstance(m, BASE_TYPES) and matches_any(n, patterns, in_blocks))]
     owned_ids = {id(t) for n in owned for t in [*model.get_submodule(n).parameters(), *model.get_submodule(n).buffers()]}
     memo: dict[int, Any] = {}
     for name, module in model.named_modules():

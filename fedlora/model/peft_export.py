@@ -4,6 +4,12 @@ PEFT keys: ``base_model.model.{module}.lora_A.weight`` (r, d_in) and ``….lora_
 (d_out, r), scale ``lora_alpha / r`` (``/ √r`` with ``use_rslora``); per-module ranks go in
 ``rank_pattern``. Only plain LoRA maps onto PEFT; other adapter kinds are saved as their dense-
 equivalent LoRA factors where that is exact.
+
+GPT-2-style ``Conv1D`` layers store their weight as (d_in, d_out). The factors are the same either
+way (A (r, d_in), B (d_out, r): the LoRA branch of the forward never reads the base weight); only
+PEFT's merge needs to know, through ``fan_in_fan_out=True``. PEFT sets that flag per layer from the
+layer's type when it loads (with a warning when the config says otherwise), so the config value
+:func:`peft_fan_in_fan_out` gives only keeps the warning away.
 """
 
 from __future__ import annotations
@@ -17,16 +23,27 @@ import torch
 from safetensors.torch import save_file
 
 from fedlora.adapters.lora import lora_scale
+from fedlora.adapters.targets import TargetReport
 from fedlora.adapters.state import AdapterState, LoraFactors
 from fedlora.aggregation.common import GlobalState
 from fedlora.config import AdapterConfig
 from fedlora.rundir.files import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE
 
 
+def peft_fan_in_fan_out(report: TargetReport) -> bool:
+    """PEFT's ``fan_in_fan_out`` for an adapter over the layers ``report`` (from
+    :func:`fedlora.model.targets.resolve_targets` on the base model) names: True when they are
+    ``Conv1D`` layers (GPT-2 family), whose weight is stored (d_in, d_out)."""
+    return report.types.get("Conv1D", 0) > 0
+
+
 def save_peft_adapter(
-    state: AdapterState, cfg: AdapterConfig, out_dir: str | Path, *, base_model: str
+    state: AdapterState, cfg: AdapterConfig, out_dir: str | Path, *, base_model: str, fan_in_fan_out: bool = False
 ) -> Path:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` to ``out_dir``."""
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` to ``out_dir``.
+
+    ``fan_in_fan_out``: True for a base whose adapted layers are ``Conv1D`` (GPT-2;
+    :func:`peft_fan_in_fan_out`); the tensors are the same either way. Returns ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ranks = {name: f.rank for name, f in state.items()}
@@ -44,7 +61,7 @@ def save_peft_adapter(
         "use_rslora": cfg.rslora,
         "lora_dropout": cfg.dropout,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": bool(fan_in_fan_out),
         # exact module names: PEFT matches a list entry against the end of each module name
         "target_modules": sorted(state),
         # full module names (escaped): PEFT anchors a pattern at a name's end after a dot

@@ -6,7 +6,9 @@ a GGUF package (the default Gemma 3 270M), a local ``.gguf``, a local model dire
 :func:`resolve_targets` resolves the patterns on it with
 :func:`fedlora.adapters.targets.resolve_module_targets` (the rule: :mod:`fedlora.module_patterns`)
 and returns what each matched; :func:`check_targets` does the same and prints the summary once per
-process. ``build_model`` resolves the same patterns on the loaded model again before adapting it.
+process; :func:`save_target_report` writes what was adapted into the run directory
+(``adapter_targets.json``). ``build_model`` resolves the same patterns on the loaded model again
+before adapting it.
 
 Cost: Gemma 3 270M's skeleton takes about 2 s on 2 CPU cores; reading its config takes well under
 a second from the converted copy, about 12 s from the ``.gguf`` before the first conversion.
@@ -15,6 +17,7 @@ a second from the converted copy, about 12 s from the ``.gguf`` before the first
 from __future__ import annotations
 
 import importlib
+import json
 from pathlib import Path
 
 import torch
@@ -22,12 +25,14 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from fedlora.adapters.targets import TargetError, TargetReport, resolve_module_targets
+from fedlora.rundir.files import ADAPTER_TARGETS_FILE
 from fedlora.config import FedloraConfig, ModelConfig
 from fedlora.model.loading import ModelError, _looks_like_path, default_cache_dir, gguf_cache_path, quiet_transformers
 from fedlora.model.tiny import build_tiny_model, build_tiny_tokenizer
 from fedlora.worker_cache import first_time
 
-__all__ = ["TargetError", "TargetReport", "check_targets", "model_config", "model_skeleton", "resolve_targets"]
+__all__ = ["TargetError", "TargetReport", "check_targets", "model_config", "model_skeleton", "resolve_targets",
+           "save_target_report"]
 
 
 def _package_gguf(cfg: ModelConfig) -> Path:
@@ -124,3 +129,11 @@ def check_targets(cfg: FedloraConfig) -> TargetReport:
     if first_time(f"targets: {cfg.model!r} {cfg.adapter.target_modules!r}"):
         print(f"fedlora: {report.format()}", flush=True)
     return report
+
+
+def save_target_report(report: TargetReport, run_dir: str | Path) -> Path:
+    """Write ``report.to_dict()`` to ``run_dir/adapter_targets.json``
+    (:data:`fedlora.rundir.files.ADAPTER_TARGETS_FILE`) and return the path."""
+    path = Path(run_dir) / ADAPTER_TARGETS_FILE
+    path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    return path

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from fedlora.config import QuantConfig
+from fedlora.linear_layout import weight_view
 from fedlora.quant.formats import quantize_weight
 from fedlora.quant.weight import QuantError, QuantizedWeight
 from fedlora_kernels.quant_lora import quant_lora_linear
@@ -60,10 +61,12 @@ class QuantLinear(nn.Module):
         """Bumped whenever the policy rewrites the side term (merge tokens check it)."""
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, cfg: QuantConfig, *, qweight: QuantizedWeight | None = None) -> QuantLinear:
-        """Quantize ``linear.weight`` (or take the given ``qweight``, e.g. LoftQ's)."""
+    def from_linear(cls, linear: nn.Module, cfg: QuantConfig, *, qweight: QuantizedWeight | None = None) -> QuantLinear:
+        """Quantize the weight of ``linear`` (``nn.Linear``, or a ``Conv1D`` whose transposed weight is
+        read as (d_out, d_in) through :func:`fedlora.linear_layout.weight_view`; the result is an
+        ordinary x·Wᵀ layer either way), or take the given ``qweight``, e.g. LoftQ's."""
         if qweight is None:
-            qweight = quantize_weight(linear.weight.detach().float(), cfg)
+            qweight = quantize_weight(weight_view(linear).detach().float(), cfg)
         return cls(qweight, cfg, bias=linear.bias)
 
     # --- the packed weight ----------------------------------------------------------------------

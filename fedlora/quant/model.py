@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from fedlora.config import QuantConfig
-from fedlora.module_patterns import PatternError, compile_patterns
+from fedlora.linear_layout import DENSE_TYPES, features, weight_view
+from fedlora.module_patterns import PatternError, all_linear_layers, compile_patterns, wants_all_linear
 from fedlora.quant.formats import quantize_weight, shape_problem
 from fedlora.quant.linear import QuantLinear
 from fedlora.quant.loftq import loftq
@@ -37,22 +38,24 @@ def _plain_lora(adapter: nn.Module) -> bool:
     return isinstance(adapter, LoRALinear) and type(adapter).lora_forward is LoRALinear.lora_forward
 
 
-def _targets(model: nn.Module, cfg: QuantConfig, patterns: list[str]) -> dict[str, tuple[nn.Module, str, nn.Linear, nn.Module | None]]:
-    """Layer name (adapter name if wrapped) → (parent, attribute, linear, adapter or None)."""
+def _targets(model: nn.Module, cfg: QuantConfig, patterns: list[str]) -> dict[str, tuple[nn.Module, str, nn.Module, nn.Module | None]]:
+    """Layer name (adapter name if wrapped) → (parent, attribute, dense layer, adapter or None).
+    Dense layers are ``nn.Linear`` and ``Conv1D`` (:data:`fedlora.linear_layout.DENSE_TYPES`)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     try:
         compiled = compile_patterns(patterns)
     except PatternError as err:
         raise QuantError(str(err)) from err
+    in_blocks = all_linear_layers(model, DENSE_TYPES) if wants_all_linear(compiled) else frozenset()
     out = {}
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or module is head:
+        if not isinstance(module, DENSE_TYPES) or module is head:
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         adapter = parent if child == "base" and _is_adapter(parent) else None
         key = parent_name if adapter is not None else name
-        if cfg.targets == "all_linear" or any(p.matches(key) for p in compiled):
+        if cfg.targets == "all_linear" or any(p.matches(key, in_blocks) for p in compiled):
             out[key] = (parent, child, module, adapter)
     return out
 
@@ -77,12 +80,15 @@ def quantize_model(
     *,
     state: dict[str, torch.Tensor] | None = None,
 ) -> dict:
-    """Replace matching ``nn.Linear`` layers by :class:`QuantLinear` in place; return a report.
+    """Replace matching dense layers (``nn.Linear``, and GPT-2's ``Conv1D``, whose transposed weight
+    becomes an ordinary (d_out, d_in) quantized weight) by :class:`QuantLinear` in place; return a
+    report.
 
     ``target_patterns``: module patterns, normally ``cfg.adapter.target_modules``, matched as
     everywhere in fedlora (:mod:`fedlora.module_patterns`: a plain name matches trailing name
-    components, a regex the whole dotted name; an adapter's layer by the adapter's name); ignored with ``quant.targets=all_linear`` (every linear but the
-    output head). ``state``: packed tensors from :func:`quantized_state` (e.g. the server's LoftQ
+    components, a regex the whole dotted name, ``all-linear`` every linear layer inside the
+    decoder blocks; an adapter's layer by the adapter's name); ignored with
+    ``quant.targets=all_linear`` (every linear but the output head). ``state``: packed tensors from :func:`quantized_state` (e.g. the server's LoftQ
     result) to load instead of quantizing — clients then compute nothing.
 
     Report keys: ``format``, ``layers``, ``per_format`` ({kind: count}), ``quantized_params``,
@@ -101,7 +107,7 @@ def quantize_model(
     targets = _targets(model, cfg, target_patterns)
     if not targets:
         raise QuantError(f"quantization targets {target_patterns} match no linear layer of this model")
-    problems = [p for n, (_, _, lin, _) in targets.items() if (p := shape_problem(n, lin.out_features, lin.in_features, cfg))]
+    problems = [p for n, (_, _, lin, _) in targets.items() if (p := shape_problem(n, *features(lin)[::-1], cfg))]
     if problems:
         raise QuantError("; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""))
     use_loftq = cfg.init == "loftq" and state is None
@@ -120,7 +126,7 @@ def quantize_model(
     counts: Counter[str] = Counter()
     errors_q, errors_l = [], []
     for name, (parent, child, linear, adapter) in targets.items():
-        w = linear.weight.detach().float()
+        w = weight_view(linear).detach().float()  # (d_out, d_in), a Conv1D's transposed storage included
         qweight = None
         if use_loftq:
             res = loftq(w, lambda m: quantize_weight(m, cfg), rank=adapter.rank, scale=adapter.scale, iters=cfg.loftq_iters)

@@ -8,6 +8,7 @@ A run directory (``RUN_DIR``: what ``fedlora simulate`` or a deployed ServerApp 
     summary.json              SUMMARY_FILE           final figures (written at the end)
     manifest.json             MANIFEST_FILE          what it takes to reproduce the run
     partition_stats.json      PARTITION_STATS_FILE   the clients' data split
+    adapter_targets.json      ADAPTER_TARGETS_FILE   the layers adapter.target_modules adapted
     report.md                 REPORT_FILE            the human-readable report
     eval_loss.png             LOSS_PLOT_FILE         loss per round
     global_adapter.pb         GLOBAL_ADAPTER_FILE    the newest global adapter (fedlora.v1.Adapter)
@@ -59,6 +60,12 @@ device (:func:`fedlora.rundir.writer.manifest`)."""
 PARTITION_STATS_FILE = "partition_stats.json"
 """How the training data was split over the clients: per-client sizes and label histograms
 (:func:`fedlora.data.partition.partition_stats`)."""
+
+ADAPTER_TARGETS_FILE = "adapter_targets.json"
+"""Which layers ``adapter.target_modules`` adapted in this model, written before round 1: the
+architecture, per pattern its kind, count, module types, layer names it resolved to and the
+layers, and every adapted layer (:meth:`fedlora.adapters.targets.TargetReport.to_dict`, written
+by :func:`fedlora.model.targets.save_target_report`)."""
 
 REPORT_FILE = "report.md"
 """The run's Markdown report: rounds table, partitions, config, reproducibility manifest."""

@@ -18,6 +18,7 @@ from torch import nn
 from fedlora.adapters import trainable_parameters
 from fedlora.config import TrainConfig
 from fedlora.data.records import collate, iterate_batches
+from fedlora.linear_layout import as_out_in
 from fedlora.training.loss import response_loss
 
 
@@ -119,7 +120,8 @@ def dense_gradients(
     Returns fp32 CPU tensors of shape (d_out, d_in)."""
     from fedlora.adapters import adapter_modules
 
-    weights = {name: m.base.weight for name, m in adapter_modules(model).items()}
+    bases = {name: m.base for name, m in adapter_modules(model).items()}
+    weights = {name: base.weight for name, base in bases.items()}
     device = next(model.parameters()).device
     total_tokens = sum(sum(label != -100 for label in e["labels"][1:]) for e in examples)
     try:
@@ -128,7 +130,9 @@ def dense_gradients(
         for start in range(0, len(examples), batch_size):
             summed, _ = response_loss(model, move(collate(list(examples[start : start + batch_size]), pad_id), device))
             (summed / max(total_tokens, 1)).backward()
-        return {name: w.grad.detach().float().cpu().clone() for name, w in weights.items()}
+        # (d_out, d_in) whatever the storage layout (a Conv1D's weight is (d_in, d_out))
+        return {name: as_out_in(bases[name], w.grad).detach().float().cpu().contiguous().clone()
+                for name, w in weights.items()}
     finally:
         model.zero_grad(set_to_none=True)
         for w in weights.values():
