@@ -19,7 +19,9 @@ from fedlora.aggregation import Method, resolve_method
 from fedlora.config import FedloraConfig, config_to_dict
 from fedlora.data.partition import partition_dataset, partition_stats
 from fedlora.data.records import BadRow, describe_bad_rows, load_records, split_train_eval, usable_rows
+from fedlora.adapters.targets import TargetReport
 from fedlora.model.loading import load_tokenizer
+from fedlora.model.targets import check_targets
 from fedlora.privacy import check_client_level_strategy
 from fedlora.rundir.checkpoint import Checkpoint, prepare_resume
 
@@ -41,17 +43,21 @@ class RunPlan:
     ``skipped_rows``: how many rows ``dataset.bad_rows=skip`` dropped (0 otherwise)."""
     skipped_rows: tuple[BadRow, ...] = ()
     """The rows ``dataset.bad_rows=skip`` dropped (row number in file order, column, problem)."""
+    targets: TargetReport | None = None
+    """The layers ``adapter.target_modules`` resolved to, per pattern (:func:`~fedlora.model.targets.check_targets`)."""
 
 
 def plan_run(cfg: FedloraConfig) -> RunPlan:
     """Check ``cfg`` whole before any work: the strategy against the config (and client-level DP),
-    a resume checkpoint against the config, every row of the data (:func:`~fedlora.data.records.usable_rows`, with
+    the adapter's target patterns against the model's layers (its skeleton, no weights), a resume
+    checkpoint against the config, every row of the data (:func:`~fedlora.data.records.usable_rows`, with
     the tokenizer of ``cfg.model``, loaded without weights) and its partitioning. Raises
-    ``ConfigError``, ``CheckpointError``, ``DataError`` or ``ModelError`` (the tokenizer) naming the
+    ``ConfigError``, ``TargetError``, ``CheckpointError``, ``DataError`` or ``ModelError`` naming the
     problem; writes nothing. Logs the dropped rows once when ``dataset.bad_rows=skip`` drops any."""
     method = resolve_method(cfg)
     if cfg.dp.mode == "client":
         check_client_level_strategy(method.name)
+    targets = check_targets(cfg)  # adapter.target_modules on the model's weightless skeleton
     resumed = prepare_resume(cfg.resume, config_to_dict(cfg)) if cfg.resume else None
     records = load_records(cfg.dataset)
     if cfg.dataset.bad_rows == "error":
@@ -62,4 +68,4 @@ def plan_run(cfg: FedloraConfig) -> RunPlan:
     train, held_out = split_train_eval(records, cfg.dataset)
     stats = partition_stats(partition_dataset(train, cfg.dataset, cfg.num_clients), cfg.dataset)
     stats["skipped_rows"] = len(skipped)
-    return RunPlan(cfg, method, resumed, train, held_out, stats, tuple(skipped))
+    return RunPlan(cfg, method, resumed, train, held_out, stats, tuple(skipped), targets)

@@ -461,7 +461,8 @@ def finish(run: ServerRun) -> dict:
         raise RuntimeError("no round got enough usable client replies; see the rejected replies logged above")
     device = str(next(model.parameters()).device)
     extra = {"strategy": run.strategy.name, "exact": run.strategy.exact, **run.init_cost, "quant": model.quant_report,
-             "model": cfg.model.name_or_path, "dataset": cfg.dataset.name, "device": device, "client_ranks": run.ranks}
+             "model": cfg.model.name_or_path, "dataset": cfg.dataset.name, "device": device, "client_ranks": run.ranks,
+             "skipped_data_rows": run.plan.partition_stats.get("skipped_rows", 0)}
     if cfg.eval.gsm8k_problems > 0:
         rows = run.plan.held_out.select(range(min(cfg.eval.gsm8k_problems, len(run.plan.held_out))))
         problems = [format_example(r, cfg.dataset) for r in rows]

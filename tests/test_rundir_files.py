@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fedlora.rundir import files
-from fedlora.rundir.writer import completion
+from fedlora.rundir.writer import RunWriter, completion, write_report
 from fedlora.rundir.files import (
     CONFIG_FILE,
     LEDGER_FILE,
@@ -161,3 +161,20 @@ def test_completion_counts_rounds_replies_and_node_warnings_from_the_rows():
     ]
     assert clean == {"planned_rounds": 1, "completed_rounds": 1, "skipped_rounds": [], "rejected_replies": 0,
                      "caveats": []}
+
+
+def test_summary_and_report_name_rows_left_out_by_bad_rows_skip(tmp_path):
+    # Prepare: a clean two-round run whose data lost 3 rows to dataset.bad_rows=skip
+    writer = RunWriter(tmp_path / "run")
+    for rnd, loss in enumerate((2.0, 1.5, 1.25)):
+        writer.log_round({"round": rnd, "eval_loss": loss, "train_loss": None if rnd == 0 else loss + 0.1})
+    # Execute
+    summary = json.loads(writer.write_summary({"skipped_data_rows": 3, "strategy": "fedavg"}, planned_rounds=2)
+                         .read_text())
+    report = write_report(writer.dir, {}, "", writer.rows, summary, {}).read_text()
+    # Assert
+    assert summary["caveats"] == ["3 data rows left out (dataset.bad_rows=skip; see the log, or rerun with "
+                                  "dataset.bad_rows=error to have them listed)"]
+    assert (summary["final_eval_loss"], summary["final_eval_round"], summary["final_train_round"]) == (1.25, 2, 2)
+    assert "2 of 2 rounds completed; eval loss 2.0000 → 1.2500; " in report
+    assert "> **Not a clean run**: 3 data rows left out" in report

@@ -150,6 +150,10 @@ class RunWriter:
             "versions": versions(),
             **extra,
         }
+        if extra.get("skipped_data_rows"):
+            n = extra["skipped_data_rows"]
+            summary["caveats"].append(f"{n} data row{'s' if n > 1 else ''} left out (dataset.bad_rows=skip; "
+                                      f"see the log, or rerun with dataset.bad_rows=error to have them listed)")
         return self.write_json(SUMMARY_FILE, summary)
 
     def plot(self) -> Path | None:
@@ -276,8 +280,9 @@ def write_report(run_dir: Path, config: dict[str, Any], partitions: str, rows: l
         f"{f' (after round {final_round})' if final_round != done['planned_rounds'] else ''}; "
         f"{human_bytes(summary.get('total_bytes_up', 0))} up, {human_bytes(summary.get('total_bytes_down', 0))} down.",
     ]
-    if done["caveats"]:
-        parts.append("> **Not a clean run**: " + "; ".join(done["caveats"]) + ".")
+    caveats = summary.get("caveats", done["caveats"])
+    if caveats:
+        parts.append("> **Not a clean run**: " + "; ".join(caveats) + ".")
     parts += [
         "## Rounds", markdown_table(rows), f"![loss per round]({LOSS_PLOT_FILE})",
         "## Partitions", "```", partitions, "```",
