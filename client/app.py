@@ -52,6 +52,7 @@ from fedlora.protocol.messages import (
 from fedlora.privacy import STATE_KEY, example_entry, persist_client_state, restore_client_state, train_local_dp
 from fedlora.aggregation.fedsb_init import client_projection, client_range_sketch, draw_sketch
 from fedlora.training.local import dense_gradients, train_local
+from fedlora.data.records import share_reports_within_run
 from fedlora.data.splits import client_examples, client_split
 from fedlora.model.build import build_model
 
@@ -59,6 +60,7 @@ from fedlora.model.build import build_model
 def _config(context: Context, cfg: FedloraConfig | None) -> tuple[FedloraConfig, NodeSettings]:
     cfg = cfg if cfg is not None else config_from_run_config(dict(context.run_config))
     node = node_settings(dict(context.node_config), cfg)
+    share_reports_within_run(context.run_id)  # one truncation line per client and run, not per message
     if node.device:
         cfg = replace(cfg, model=replace(cfg.model, device=node.device))
     if cfg.client_cpus >= 1:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
+import tempfile
+from pathlib import Path
 
 import datasets
 import pytest
@@ -12,7 +15,7 @@ from flwr.common.logger import warn_deprecated_feature
 
 from fedlora.commands.simulate import without_run_simulation_notice
 from fedlora.config import DatasetConfig, ModelConfig
-from fedlora.data.records import reports_shared_by_run, tokenize_dataset
+from fedlora.data.records import REPORTS_DIR_ENV, reports_shared_by_run, share_reports_within_run, tokenize_dataset
 from fedlora.model.loading import load_model
 from fedlora.model.tiny import build_tiny_model
 from fedlora.worker_cache import REPORTED
@@ -115,3 +118,21 @@ def _default_verbosity():
     hf_logging.set_verbosity_warning()
     yield
     hf_logging.set_verbosity(level)
+
+
+def test_a_deployed_node_reports_truncation_once_per_run(tokenizer, caplog, monkeypatch):
+    # Prepare: no folder chosen (a SuperNode's flwr-clientapp process); each message is a new process
+    monkeypatch.delenv(REPORTS_DIR_ENV, raising=False)
+    ds, cfg = datasets.Dataset.from_list(ROWS), DatasetConfig(max_length=40)
+    run_ids = [987_654_001, 987_654_001, 987_654_001, 987_654_002]  # three messages of one run, then a new run
+    with caplog.at_level(logging.WARNING, logger="fedlora.data.records"):
+        for run_id in run_ids:
+            REPORTED.clear()
+            monkeypatch.delenv(REPORTS_DIR_ENV, raising=False)
+            # Execute
+            share_reports_within_run(run_id)
+            tokenize_dataset(ds, tokenizer, cfg)
+    # Assert: once for the first run, once for the next
+    assert len(_truncation_lines(caplog)) == 2
+    for run_id in set(run_ids):
+        shutil.rmtree(Path(tempfile.gettempdir()) / f"fedlora-reports-run{run_id}")

@@ -557,6 +557,22 @@ def _first_report(key: str) -> bool:
     return True
 
 
+def share_reports_within_run(run_id: int) -> None:
+    """Make this process print each truncation line once per Flower run on this machine, when no
+    caller has chosen a folder yet (``fedlora simulate`` does, :func:`reports_shared_by_run`). A
+    deployed SuperNode runs every message in a fresh ``flwr-clientapp`` process, so without this a
+    node would print its truncation line every round; the marks go to a folder named by the run
+    id under the system's temporary folder, so the next run prints its lines again."""
+    if os.environ.get(REPORTS_DIR_ENV):
+        return
+    folder = Path(tempfile.gettempdir()) / f"fedlora-reports-run{int(run_id)}"
+    try:
+        folder.mkdir(exist_ok=True)
+    except OSError:  # no writable temporary folder: each process keeps its own record
+        return
+    os.environ[REPORTS_DIR_ENV] = str(folder)
+
+
 @contextmanager
 def reports_shared_by_run() -> Iterator[None]:
     """For the block, this process and every process started from it (local Ray workers inherit the
