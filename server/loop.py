@@ -283,7 +283,8 @@ def run_round(grid: Grid, strategy: LoraStrategy, state: GlobalState, nodes: lis
         return out, None, None
     if client_dp:
         start = strategy.start_for(state, nodes[0].rank)
-        new_state = client_dp.release(strategy.method, state, start, out.held, run_dir, rnd, cfg.dp.max_grad_norm)
+        new_state = client_dp.release(strategy.method, state, start, out.held, run_dir, rnd, cfg.dp.max_grad_norm,
+                                      sampled=len(nodes))
         out.held.clear()
     else:
         new_state = out.aggregate.finish()

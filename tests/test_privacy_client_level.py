@@ -11,6 +11,8 @@ from fedlora.aggregation import METHODS, fedavg, fedsb, ffa
 from fedlora.aggregation.common import GlobalState
 from fedlora.config import DPConfig
 from fedlora.privacy.accounting import AccountantState, epsilon_rdp
+from fedlora.privacy.dp_fedavg import ClientLevelDP
+from fedlora.privacy.ledger import read_ledger
 from fedlora.privacy.client_level import (
     ClientLevelDPError,
     account_round,
@@ -153,3 +155,20 @@ def test_client_level_accounting_composes_rounds_at_q_m_over_population():
     assert 1.95 <= epsilon_rdp([[calibrated, 0.1, 30]], 1e-5)[0] <= 2.0
     with pytest.raises(ClientLevelDPError, match="must lie in"):
         client_level_noise(DPConfig(mode="client", noise_multiplier=1.0), clients_per_round=5, population=3, num_rounds=1)
+
+
+def test_a_client_that_drops_out_still_counts_in_the_sampling_rate(tmp_path):
+    # Prepare: 4 of a population of 8 selected; one of them never replies
+    dp = ClientLevelDP(noise_multiplier=1.0, delta=1e-5, population=8)
+    start = _state()
+    updates = [_moved(start, seed, 0.1) for seed in range(3)]
+    state = GlobalState(adapter=start)
+    # Execute
+    dp.release(METHODS["fedavg"], state, start, updates, tmp_path, rnd=1, clip=1.0, sampled=4)
+    # Assert: q = 4/8 (the selection), the noise averages the 3 that arrived, ε at q = 0.5
+    (entry,) = read_ledger(tmp_path)
+    assert (entry["clients"], entry["aggregated"], entry["q"]) == (4, 3, 0.5)
+    assert entry["noise_std"] == pytest.approx(1.0 * 1.0 / 3)
+    assert entry["epsilon"] == pytest.approx(epsilon_rdp([[1.0, 0.5, 1]], 1e-5)[0])
+    with pytest.raises(ValueError, match="3 updates from a round that selected 2 clients"):
+        dp.release(METHODS["fedavg"], state, start, updates, tmp_path, rnd=2, clip=1.0, sampled=2)

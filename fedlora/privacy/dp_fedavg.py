@@ -46,15 +46,23 @@ class ClientLevelDP:
         return cls(z, delta, population)
 
     def release(self, method: Method, state: GlobalState, start: AdapterState, updates: list[AdapterState],
-                run_dir: Path, rnd: int, clip: float) -> GlobalState:
+                run_dir: Path, rnd: int, clip: float, sampled: int | None = None) -> GlobalState:
         """Clip, average with equal weights, noise; account the release; record it in the ledger;
-        the method then runs on the one privatised update (post-processing)."""
+        the method then runs on the one privatised update (post-processing).
+
+        ``sampled`` is how many clients the round selected (default: ``len(updates)``). The
+        accountant's sampling rate is q = sampled / population, never the count that replied: a
+        client that drops out was still selected, and counting only the replies would make q, and so
+        ε, smaller than the selection that took place."""
+        sampled = len(updates) if sampled is None else sampled
+        if sampled < len(updates):
+            raise ValueError(f"{len(updates)} updates from a round that selected {sampled} clients")
         rel = privatize_round(method.name, start, updates, [1.0] * len(updates), clip=clip,
                               noise_multiplier=self.noise_multiplier, generator=noise_generator())
-        self.accountant = account_round(self.accountant, noise_multiplier=self.noise_multiplier, clients=len(updates),
+        self.accountant = account_round(self.accountant, noise_multiplier=self.noise_multiplier, clients=sampled,
                                         population=self.population, delta=self.delta, round_index=rnd)
         eps = client_level_spent(self.accountant).epsilon
-        append_entry(run_dir, client_level_entry(self.accountant, round_index=rnd, clip=clip, sampled=len(updates),
+        append_entry(run_dir, client_level_entry(self.accountant, round_index=rnd, clip=clip, sampled=sampled,
                                                  aggregated=len(updates), population=self.population,
                                                  noise_std=rel.noise_std, epsilon=eps))
         return method.aggregate(state, [rel.update], [1.0])
