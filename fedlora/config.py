@@ -137,8 +137,8 @@ class DPConfig:
     """Differential privacy (see docs/privacy.md)."""
 
     mode: str = "none"
-    """``none``; ``example`` (DP-SGD with Opacus on every client: each client's examples are the
-    privacy unit); ``client`` (the server clips each client's update and noises the aggregate:
+    """``none``; ``example`` (DP-SGD on every client, Opacus' mechanism and accountants with
+    fedlora's own per-example gradients of the adapter: each client's examples are the privacy unit); ``client`` (the server clips each client's update and noises the aggregate:
     a client's whole dataset is the unit)."""
     noise_multiplier: float | None = None
     """σ (example) or z (client). Give this or ``target_epsilon``, not both."""
