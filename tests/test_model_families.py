@@ -278,9 +278,11 @@ def test_peft_export_of_gpt2_with_base_terms_loads_with_identical_outputs(tmp_pa
 # a real 2-round FedEx simulation per family, on the defaults, and a PEFT round trip of its result
 
 SIM = ["model=tiny", "strategy=fedex", "dataset.max_length=96", "eval.max_examples=8", "train.local_steps=2",
-       "train.lr=0.01", "train.batch_size=4", "num_rounds=2", "num_clients=2"]
+       "train.lr=0.01", "train.batch_size=4", "num_rounds=2", "num_clients=2", "client_cpus=2"]
 """Overrides on the defaults (adapter.target_modules stays all-linear): 2 clients, 2 rounds of 2 local
-steps; ``model=tiny`` only sets float32 and no GGUF package, ``model.name_or_path`` picks the family."""
+steps; ``model=tiny`` only sets float32 and no GGUF package, ``model.name_or_path`` picks the family.
+``client_cpus=2``: one Ray worker runs both clients, so each run starts (imports) one worker, not two:
+the start of the engine and its workers, not the rounds, is what a run of a tiny model costs."""
 
 
 @pytest.fixture(scope="module")
