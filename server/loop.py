@@ -29,7 +29,8 @@ from fedlora.data.partition import format_partition_stats, save_partition_stats
 from fedlora.data.records import format_example
 from fedlora.data.splits import tokenize
 from fedlora.model.build import build_model
-from fedlora.model.peft_export import export_state, save_peft_adapter
+from fedlora.model.peft_export import export_state, peft_fan_in_fan_out, save_peft_adapter
+from fedlora.model.targets import save_target_report
 from fedlora.node_check import admit_nodes, expect_nodes
 from fedlora.plan import RunPlan, plan_run
 from fedlora.privacy import ClientLevelDP, append_entry, run_entry, worst_epsilon, write_privacy_report
@@ -363,6 +364,8 @@ def prepare(grid: Grid, cfg: FedloraConfig, run_dir: str | Path, plan: RunPlan |
             "(lora-rank in each node config) or start a new run")
     writer.write_config(config_to_dict(cfg))
     save_partition_stats(plan.partition_stats, writer.dir)
+    if plan.targets is not None:
+        save_target_report(plan.targets, writer.dir)  # which layers adapter.target_modules adapted
     client_dp = None
     if cfg.dp.mode != "none":
         append_entry(writer.dir, run_entry(cfg))
@@ -471,7 +474,8 @@ def finish(run: ServerRun) -> dict:
                                         progress=True)
         print(f"fedlora: GSM8K exact match {extra['gsm8k']['correct']}/{extra['gsm8k']['total']}", flush=True)
     adapter_dir = save_peft_adapter(export_state(run.state, cfg.adapter.alpha, cfg.adapter.rslora), cfg.adapter,
-                                    writer.dir / ADAPTER_DIR, base_model=cfg.model.name_or_path)
+                                    writer.dir / ADAPTER_DIR, base_model=cfg.model.name_or_path,
+                                    fan_in_fan_out=run.plan.targets is not None and peft_fan_in_fan_out(run.plan.targets))
     writer.plot()
     if cfg.dp.mode != "none":
         paths = write_privacy_report(writer.dir)

@@ -313,6 +313,10 @@ def test_fedex_on_the_defaults_is_exact_and_learns(family_runs, family):
     assert rows[2]["eval_loss"] < rows[0]["eval_loss"]
     adapted = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["target_modules"]
     assert adapted == sorted(expected_layers(family))  # all-linear, resolved for this family
+    targets = json.loads((run_dir / "adapter_targets.json").read_text())  # recorded in the run directory
+    assert sorted(targets["adapted"]) == sorted(expected_layers(family))
+    config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] is (family == "gpt2")  # GPT-2's Conv1D stores W transposed
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
