@@ -18,7 +18,7 @@ from fedlora.adapters import LoRALinear, adapter_class, inject_adapters
 from fedlora.adapters.inject import BASE_TYPES
 from fedlora.adapters.targets import resolve_module_targets
 from fedlora.config import FedloraConfig
-from fedlora.model.loading import load_model
+from fedlora.model.streaming import load_quantized
 from fedlora.module_patterns import all_linear_layers, compile_patterns, matches_any
 from fedlora.quant import quantize_model
 from fedlora.worker_cache import _BUILT_ONCE, BASES, _file_stamp
@@ -44,9 +44,9 @@ def build_model(cfg: FedloraConfig, rank: int | None = None, kind: str | None = 
     """
     kind = kind or cfg.adapter.kind
     if not reuse:
-        model, tokenizer = _load_checked(cfg)
+        model, tokenizer, report = _load_checked(cfg)
         inject_adapters(model, cfg.adapter, adapter_class(kind), rank=rank)
-        model.quant_report = quantize_model(model, cfg.quant, cfg.adapter.target_modules)
+        model.quant_report = report or quantize_model(model, cfg.quant, cfg.adapter.target_modules)
         return model, tokenizer
     # LoftQ fits the quantized base to the adapter's rank, so only then is the adapter part of the
     # cached model; otherwise quantizing before injecting gives the same layers (fedlora.quant.model).
@@ -67,18 +67,21 @@ def build_model(cfg: FedloraConfig, rank: int | None = None, kind: str | None = 
 
 
 def _load_checked(cfg: FedloraConfig):
-    """The loaded base, its ``adapter.target_modules`` resolved on it before anything is quantized
-    or adapted: the last line of defence behind :func:`fedlora.model.targets.check_targets`."""
-    model, tokenizer = load_model(cfg.model)
+    """The loaded base, its ``adapter.target_modules`` resolved on it before anything is adapted:
+    the last line of defence behind :func:`fedlora.model.targets.check_targets`. Returns
+    ``(model, tokenizer, report)``: a safetensors checkpoint is quantized while it loads
+    (:func:`fedlora.model.streaming.load_quantized`, ``report`` = the quantization report), else
+    ``report`` is None and the model still dense."""
+    model, tokenizer, report = load_quantized(cfg)
     resolve_module_targets(model, cfg.adapter.target_modules)
-    return model, tokenizer
+    return model, tokenizer, report
 
 
 def _pristine_base(cfg: FedloraConfig, rank: int | None, kind: str):
     if _loftq(cfg):
         return build_model(cfg, rank=rank, kind=kind)
-    model, tokenizer = _load_checked(cfg)
-    model.quant_report = quantize_model(model, cfg.quant, cfg.adapter.target_modules)
+    model, tokenizer, report = _load_checked(cfg)
+    model.quant_report = report or quantize_model(model, cfg.quant, cfg.adapter.target_modules)
     return model, tokenizer
 
 

@@ -15,7 +15,9 @@ weights ourselves (fp32 safetensors + config + tokenizer) once, atomically, and 
 first one included — then reads that directory, so all runs see the same weights.
 
 :func:`load_model` leaves every parameter frozen (``requires_grad=False``) and the model in eval
-mode; adapters are injected afterwards by :mod:`fedlora.adapters`.
+mode; adapters are injected afterwards by :mod:`fedlora.adapters`. With a quantized base,
+``build_model`` loads through :func:`fedlora.model.streaming.load_quantized` instead, which streams
+the directory :func:`checkpoint_dir` names and quantizes each layer as it arrives.
 """
 
 from __future__ import annotations
@@ -187,12 +189,36 @@ def load_model(cfg: ModelConfig) -> Loaded:
     if not (isinstance(model, PreTrainedModel) and model.can_generate() and model.get_output_embeddings() is not None):
         raise ModelError(f"{cfg.name_or_path!r} loaded as {type(model).__name__}, which is not a causal LM")
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return model, finish_tokenizer(tokenizer, cfg.name_or_path)
+
+
+def finish_tokenizer(tokenizer: PreTrainedTokenizerBase, name: str) -> PreTrainedTokenizerBase:
+    """``tokenizer`` made ready for training batches, in place: the eos token pads when there is no
+    pad token, padding goes on the right. Raises :class:`ModelError` when it has neither token."""
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ModelError(f"the tokenizer of {cfg.name_or_path!r} has neither a pad nor an eos token")
+            raise ModelError(f"the tokenizer of {name!r} has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token  # padded positions are masked out of the loss anyway
     tokenizer.padding_side = "right"  # training batches: prompt+response left-aligned, padding after
-    return model, tokenizer
+    return tokenizer
+
+
+def checkpoint_dir(cfg: ModelConfig) -> Path | None:
+    """The local model directory :func:`load_model` reads for ``cfg`` — a local directory, or a GGUF
+    source's converted copy (converted first if need be) — or None for the sources that have none
+    (``tiny``, a hub id). What :mod:`fedlora.model.streaming` streams from; it raises
+    :class:`ModelError` as :func:`load_model` does for a GGUF it cannot find."""
+    if cfg.name_or_path == "tiny":
+        return None
+    if cfg.gguf_package:
+        return converted_gguf(package_gguf(cfg), default_cache_dir(cfg))
+    path = Path(cfg.name_or_path).expanduser()
+    if path.suffix == ".gguf" or (path.is_dir() and cfg.gguf_file):
+        gguf = path / cfg.gguf_file if path.is_dir() and cfg.gguf_file else path
+        if not gguf.is_file():
+            raise ModelError(f"GGUF file {gguf} does not exist; check model.name_or_path / model.gguf_file")
+        return converted_gguf(gguf, default_cache_dir(cfg))
+    return path if path.is_dir() else None
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
@@ -240,6 +266,12 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
 
 def load_gguf(gguf_path: Path, cache_root: Path, dtype: torch.dtype) -> Loaded:
     """Load ``gguf_path`` from its converted copy under ``cache_root``, converting first if needed."""
+    return _from_pretrained(str(converted_gguf(gguf_path, cache_root)), dtype)
+
+
+def converted_gguf(gguf_path: Path, cache_root: Path) -> Path:
+    """The converted copy of ``gguf_path`` under ``cache_root`` (a plain model directory), made first
+    if it does not exist yet."""
     cached = gguf_cache_path(gguf_path, cache_root)
     if not (cached / "config.json").is_file():
         if importlib.util.find_spec("gguf") is None:
@@ -248,7 +280,7 @@ def load_gguf(gguf_path: Path, cache_root: Path, dtype: torch.dtype) -> Loaded:
         start = time.perf_counter()
         convert_gguf(gguf_path, cached)
         print(f"converted {gguf_path.name} in {time.perf_counter() - start:.0f} s", flush=True)
-    return _from_pretrained(str(cached), dtype)
+    return cached
 
 
 def gguf_cache_path(gguf_path: Path, cache_root: Path) -> Path:

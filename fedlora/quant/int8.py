@@ -16,6 +16,8 @@ import torch
 from fedlora.quant.weight import QuantizedWeight
 
 QMAX = 127
+CHUNK_VALUES = 1 << 22
+"""Values quantised at a time (16 MiB of fp32)."""
 
 
 @dataclass(frozen=True)
@@ -29,10 +31,18 @@ class Int8Weight(QuantizedWeight):
 
     @classmethod
     def quantize(cls, w: torch.Tensor) -> Int8Weight:
+        """fp32 (d_out, d_in) → int8; rows are independent, so they are done about
+        :data:`CHUNK_VALUES` values at a time (small temporaries for a large layer)."""
         w = w.detach().float()
-        absmax = w.abs().amax(dim=1)  # (d_out,)
-        scale = torch.where(absmax > 0, absmax / QMAX, torch.ones_like(absmax))
-        codes = torch.round(w / scale[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
+        codes = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+        scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+        step = max(CHUNK_VALUES // max(int(w.shape[1]), 1), 1)
+        for i in range(0, w.shape[0], step):
+            part = w[i : i + step]
+            absmax = part.abs().amax(dim=1)  # (rows,)
+            s = torch.where(absmax > 0, absmax / QMAX, torch.ones_like(absmax))
+            codes[i : i + step] = torch.round(part / s[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
+            scale[i : i + step] = s
         return cls((int(w.shape[0]), int(w.shape[1])), codes, scale)
 
     def dequantize(self) -> torch.Tensor:

@@ -23,7 +23,7 @@ int4 g64 0.547, int3 g64 0.422, int2 g64 0.297.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -33,6 +33,8 @@ PLANES: dict[int, tuple[int, ...]] = {4: (4,), 3: (2, 1), 2: (2,)}
 """Bit planes per width, low bits first."""
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
 FP16_MAX = 65504.0
+CHUNK_VALUES = 1 << 22
+"""Values quantised at a time (16 MiB of fp32): the clip search's temporaries stay small."""
 
 
 def pack_plane(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -76,8 +78,20 @@ class IntKWeight(QuantizedWeight):
                 f"choose a group size that divides {d_in} (e.g. {_divisor_hint(d_in)}) or use quant=nf4, "
                 "whose flat blocks fit any shape"
             )
+        w = w.detach().float()
+        step = max(CHUNK_VALUES // d_in, 1)  # rows are independent: quantise a few at a time
+        parts = [cls._quantize_rows(w[i : i + step], bits, group_size) for i in range(0, d_out, step)]
+        if len(parts) == 1:
+            return parts[0]
+        cat = {name: torch.cat([getattr(p, name) for p in parts]) for name in ("plane0", "plane1", "scale", "zero")
+               if getattr(parts[0], name) is not None}
+        return replace(parts[0], shape=(d_out, d_in), **cat)
+
+    @classmethod
+    def _quantize_rows(cls, w: torch.Tensor, bits: int, group_size: int) -> IntKWeight:
+        d_out, d_in = int(w.shape[0]), int(w.shape[1])
         qmax = (1 << bits) - 1
-        g = w.detach().float().view(d_out, d_in // group_size, group_size)  # (N, n_groups, G)
+        g = w.view(d_out, d_in // group_size, group_size)  # (N, n_groups, G)
         lo0 = g.amin(dim=-1).clamp(max=0.0)
         hi0 = g.amax(dim=-1).clamp(min=0.0)
         best = None

@@ -60,8 +60,9 @@ def _targets(model: nn.Module, cfg: QuantConfig, patterns: list[str]) -> dict[st
     return out
 
 
-def _model_bytes(model: nn.Module) -> int:
-    """Bytes of everything but trainable adapter factors: the frozen base in memory."""
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of everything but trainable adapter factors: the frozen base in memory (each tensor
+    once, tied weights included; non-persistent buffers counted too)."""
     seen: set[int] = set()
     total = 0
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
@@ -70,6 +71,25 @@ def _model_bytes(model: nn.Module) -> int:
         seen.add(id(t))
         total += t.numel() * t.element_size()
     return total
+
+
+def _check_targets(targets: dict, cfg: QuantConfig, target_patterns: list[str]) -> None:
+    if not targets:
+        raise QuantError(f"quantization targets {target_patterns} match no linear layer of this model")
+    problems = [p for n, (_, _, lin, _) in targets.items() if (p := shape_problem(n, *features(lin)[::-1], cfg))]
+    if problems:
+        raise QuantError("; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""))
+
+
+def quantize_targets(model: nn.Module, cfg: QuantConfig, target_patterns: list[str]) -> list[str]:
+    """The names of the dense layers :func:`quantize_model` would replace (an adapter's name where
+    one wraps the layer), in the model's order, checked as it checks them: raises
+    :class:`QuantError` when they match nothing or a layer's shape does not fit the format. Reads
+    names, types and shapes only, so ``model`` may be a meta-device skeleton (what
+    :mod:`fedlora.model.streaming` quantizes while loading)."""
+    targets = _targets(model, cfg, target_patterns)
+    _check_targets(targets, cfg, target_patterns)
+    return list(targets)
 
 
 @torch.no_grad()
@@ -98,18 +118,14 @@ def quantize_model(
     plain quantization and with LoftQ, or None), ``seconds``.
     """
     started = time.time()
-    before = _model_bytes(model)
+    before = model_bytes(model)
     report = {"format": cfg.format, "targets": cfg.targets, "layers": 0, "per_format": {}, "quantized_params": 0,
               "quantized_bytes": 0, "bytes_per_param": None, "dense_bytes": 0, "base_bytes_before": before,
               "base_bytes_after": before, "loftq": None, "seconds": 0.0}  # fmt: skip
     if cfg.format == "none":
         return report
     targets = _targets(model, cfg, target_patterns)
-    if not targets:
-        raise QuantError(f"quantization targets {target_patterns} match no linear layer of this model")
-    problems = [p for n, (_, _, lin, _) in targets.items() if (p := shape_problem(n, *features(lin)[::-1], cfg))]
-    if problems:
-        raise QuantError("; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""))
+    _check_targets(targets, cfg, target_patterns)
     use_loftq = cfg.init == "loftq" and state is None
     if use_loftq:
         missing = [n for n, (*_, adapter) in targets.items() if adapter is None or not _plain_lora(adapter)]
@@ -152,7 +168,7 @@ def quantize_model(
         layers=sum(counts.values()),
         per_format=dict(counts),
         bytes_per_param=report["quantized_bytes"] / report["quantized_params"],
-        base_bytes_after=_model_bytes(model),
+        base_bytes_after=model_bytes(model),
         seconds=round(time.time() - started, 2),
     )
     if use_loftq:

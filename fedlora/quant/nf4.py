@@ -68,18 +68,30 @@ def nearest_index(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(x, mids).to(torch.uint8)
 
 
+CHUNK_VALUES = 1 << 22
+"""Values quantised at a time (16 MiB of fp32): the temporaries of a large layer stay this small."""
+
+
 def _blocks(flat: torch.Tensor, size: int) -> torch.Tensor:
-    """Zero-pad a 1-D tensor to a multiple of ``size`` and view it as (n_blocks, size)."""
+    """Zero-pad a 1-D tensor to a multiple of ``size`` and view it as (n_blocks, size) (a view
+    without a copy when no padding is needed)."""
     pad = (-flat.numel()) % size
-    return F.pad(flat, (0, pad)).view(-1, size)
+    return (F.pad(flat, (0, pad)) if pad else flat).view(-1, size)
 
 
 def _blockwise_absmax_quant(x: torch.Tensor, table: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-wise absmax quantisation of 1-D ``x`` onto ``table``: (uint8 codes, fp32 absmax)."""
+    """Block-wise absmax quantisation of 1-D ``x`` onto ``table``: (uint8 codes, fp32 absmax).
+    Blocks are independent, so they are done :data:`CHUNK_VALUES` values at a time."""
     blocks = _blocks(x, size)  # (n_blocks, size)
-    absmax = blocks.abs().amax(dim=1)  # (n_blocks,)
-    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    codes = nearest_index(blocks / safe[:, None], table)  # (n_blocks, size)
+    codes = torch.empty(blocks.shape, dtype=torch.uint8, device=x.device)
+    absmax = torch.empty(blocks.shape[0], dtype=blocks.dtype, device=x.device)
+    step = max(CHUNK_VALUES // size, 1)
+    for i in range(0, blocks.shape[0], step):
+        part = blocks[i : i + step]
+        amax = part.abs().amax(dim=1)  # (step,)
+        safe = torch.where(amax > 0, amax, torch.ones_like(amax))
+        codes[i : i + step] = nearest_index(part / safe[:, None], table)
+        absmax[i : i + step] = amax
     return codes.flatten()[: x.numel()], absmax
 
 
