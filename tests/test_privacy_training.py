@@ -314,3 +314,71 @@ def test_steps_that_sample_no_example_are_counted_and_give_no_loss(tokenizer):
     expected_tokens = sum(sum(label != -100 for label in examples[i]["labels"]) for i in sampled)
     assert r.examples == len(sampled) and r.tokens == expected_tokens and r.tokens > 0
     assert r.empty_batches == sum(not d for d in draws[some_empty]) > 0 and math.isfinite(r.loss) and r.loss > 0
+
+
+@pytest.mark.parametrize("kind, dropout, quant", [("lora", 0.0, "none"), ("lora", 0.3, "none"), ("sb", 0.3, "none"),
+                                                  ("lora", 0.0, "int8")])
+def test_activation_checkpointing_keeps_per_example_gradients_exact(tokenizer, kind, dropout, quant):
+    # Prepare: the recompute in the backward fires the adapters' forward hooks again; each call
+    # must still be tapped once, with the same inputs (same dropout masks)
+    from fedlora.training.local import activation_checkpointing
+
+    model = _adapted(tokenizer, kind, dropout=dropout, quant=quant)
+    examples, params = _examples(tokenizer), _params(model)
+    model.train()
+    per_example, summed = {}, {}
+    for checkpointing in (False, True):
+        with activation_checkpointing(model, checkpointing), GradSampleCollector(model) as collector:
+            calls = [0]
+            first = next(iter(collector.taps.modules.values()))
+            hook = first.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+            # Execute
+            torch.manual_seed(3)
+            per_example_losses(model, collate(examples, 0))[0].sum().backward()
+            per_example[checkpointing] = [collector.grads[p].clone() for p in params]
+            hook.remove()
+            assert calls[0] == (2 if checkpointing else 1)  # the recompute really ran
+            torch.manual_seed(4)
+            summed[checkpointing] = clipped_gradient_sum(model, params, examples, pad_id=0, clip=0.05,
+                                                         physical_batch_size=4, collector=collector)  # fmt: skip
+    # Assert: equal to the run without checkpointing, and (no dropout) to a per-example loop
+    for a, b in zip(per_example[False], per_example[True], strict=True):
+        assert a.abs().max() > 1e-4 and (a - b).abs().max() < 1e-6
+    for a, b in zip(summed[False].grads, summed[True].grads, strict=True):
+        assert (a - b).abs().max() < 1e-6
+    assert torch.allclose(summed[False].norms, summed[True].norms, rtol=1e-6)
+    if dropout == 0.0:
+        for i, ex in enumerate(examples):
+            for p in params:
+                p.grad = None
+            per_example_losses(model, collate([ex], 0))[0].sum().backward()
+            for j, p in enumerate(params):
+                assert (per_example[True][j][i] - p.grad).abs().max() < TOL
+
+
+def test_ghost_clipping_and_a_dp_round_under_activation_checkpointing(tokenizer):
+    # Ghost clipping backpropagates the same (checkpointed) graph twice: the second backward recomputes again
+    from fedlora.training.local import activation_checkpointing
+
+    model = _adapted(tokenizer, "lora", dropout=0.1)
+    examples, params = _examples(tokenizer), _params(model)
+    model.train()
+    sums = []
+    for checkpointing in (False, True):
+        with activation_checkpointing(model, checkpointing), GradSampleCollector(model, "norms") as c:
+            torch.manual_seed(0)
+            sums.append(clipped_gradient_sum(model, params, examples, pad_id=0, clip=0.05, physical_batch_size=3,
+                                             collector=c, ghost=True))  # fmt: skip
+    for a, b in zip(sums[0].grads, sums[1].grads, strict=True):
+        assert a.abs().max() > 1e-5 and (a - b).abs().max() < 1e-6
+    # a whole DP round: same adapter with and without
+    states = []
+    for checkpointing in (False, True):
+        m = _adapted(tokenizer, "lora", dropout=0.1)
+        train_local_dp(m, examples, TrainConfig(local_steps=2, batch_size=3, gradient_checkpointing=checkpointing),
+                       DPConfig(mode="example", noise_multiplier=1.0, max_grad_norm=0.1, physical_batch_size=2), pad_id=0,
+                       round_index=1, num_rounds=1, seed=0, accountant_state=None, dp_seed=7)  # fmt: skip
+        assert not m.is_activation_checkpointing
+        states.append(get_adapter_state(m))
+    for name in states[0]:
+        assert torch.allclose(states[0][name].B, states[1][name].B, atol=1e-6), name

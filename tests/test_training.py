@@ -79,3 +79,67 @@ def test_gsm8k_exact_match_scores_a_memorised_answer(adapted, tokenizer):
     wrong = gsm8k_accuracy(adapted, tokenizer, [(PROBLEMS[0][0], "#### 8")], max_new_tokens=16)
     assert scored == {"accuracy": 1.0, "correct": 2, "total": 2}
     assert wrong["correct"] == 0
+
+
+def _forward_calls(model) -> list[int]:
+    """A counter of forward calls of the first adapter (a recompute calls it again)."""
+    calls = [0]
+    first = next(m for m in model.modules() if isinstance(m, LoRALinear))
+    first.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_gradient_checkpointing_trains_the_same_adapter_and_leaves_eval_alone(tokenizer):
+    # Prepare: dropout > 0, so the recompute must replay the same masks; float64 for a tight comparison
+    from fedlora.model.tiny import build_tiny_model
+
+    examples = _examples(tokenizer)
+    runs = {}
+    for checkpointing in (False, True):
+        model = build_tiny_model(len(tokenizer), seed=0).double()
+        inject_adapters(model, AdapterConfig(rank=4, alpha=8, dropout=0.2), LoRALinear)
+        model.double()
+        calls = _forward_calls(model)
+        # Execute
+        result = train_local(model, examples, TrainConfig(local_steps=3, batch_size=2, lr=1e-2,
+                                                          gradient_checkpointing=checkpointing),
+                             pad_id=tokenizer.pad_token_id, round_index=1, num_rounds=1, seed=5)  # fmt: skip
+        evaluated = evaluate_loss(model, examples, batch_size=2, pad_id=tokenizer.pad_token_id)
+        runs[checkpointing] = (result, get_adapter_state(model), calls[0], evaluated, model)
+    # Assert
+    (plain, plain_state, plain_calls, plain_eval, _), (ckpt, ckpt_state, ckpt_calls, ckpt_eval, model) = runs[False], runs[True]
+    assert (plain_calls, ckpt_calls) == (3 + 1, 2 * 3 + 1)  # one forward per step (+ eval); the recompute doubles training's
+    assert ckpt.loss == pytest.approx(plain.loss, rel=1e-12)
+    for name in plain_state:
+        assert (plain_state[name].B - ckpt_state[name].B).abs().max() < 1e-10, name
+        assert (plain_state[name].A - ckpt_state[name].A).abs().max() < 1e-10, name
+    assert plain_state[name].B.abs().max() > 1e-3  # the adapter moved
+    assert ckpt_eval.loss == pytest.approx(plain_eval.loss, rel=1e-12)
+    assert not model.is_activation_checkpointing and not hasattr(model, "_require_grads_hook")  # restored
+
+
+def test_gradient_checkpointing_on_an_int8_base_reaches_the_adapter(tokenizer):
+    from fedlora.config import QuantConfig
+    from fedlora.model.tiny import build_tiny_model
+    from fedlora.quant.model import quantize_model
+
+    states = []
+    for checkpointing in (False, True):
+        model = build_tiny_model(len(tokenizer), seed=0)
+        cfg = AdapterConfig(rank=4, alpha=8)
+        inject_adapters(model, cfg, LoRALinear)
+        quantize_model(model, QuantConfig(format="int8"), cfg.target_modules)
+        train_local(model, _examples(tokenizer), TrainConfig(local_steps=2, batch_size=2, lr=1e-2,
+                                                             gradient_checkpointing=checkpointing),
+                    pad_id=tokenizer.pad_token_id, round_index=1, num_rounds=1, seed=0)  # fmt: skip
+        states.append(get_adapter_state(model))
+    for name in states[0]:
+        assert states[0][name].B.abs().max() > 1e-4
+        assert torch.allclose(states[0][name].B, states[1][name].B, atol=1e-6), name
+
+
+def test_gradient_checkpointing_on_a_model_without_it_is_a_clear_error(adapted, tokenizer):
+    adapted.supports_gradient_checkpointing = False
+    with pytest.raises(ValueError, match="train.gradient_checkpointing=false"):
+        train_local(adapted, _examples(tokenizer), TrainConfig(local_steps=1, gradient_checkpointing=True),
+                    pad_id=0, round_index=1, num_rounds=1, seed=0)

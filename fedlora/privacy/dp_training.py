@@ -46,7 +46,7 @@ from fedlora.privacy.accounting import (
 )
 from fedlora.privacy.budget import check_round_budget, require_affordable_start
 from fedlora.privacy.grad_samplers import AdapterTaps, GradSampleCollector, dense_sq_norms, dense_weighted_sum
-from fedlora.training.local import TrainResult, lr_multiplier, move
+from fedlora.training.local import TrainResult, activation_checkpointing, lr_multiplier, move
 from fedlora_kernels import linear_cross_entropy
 
 NOISE_DTYPE = torch.float32
@@ -255,6 +255,8 @@ def train_local_dp(
     ``declined=True`` and a reason, and the returned state records the refusal.
 
     ``seed`` drives dropout masks only; ``dp_seed`` (tests only) fixes sampling and noise.
+    ``train_cfg.gradient_checkpointing`` recomputes activations in the backward; the per-example
+    gradients are the same (the taps' saved inputs are recomputed too, each call tapped once).
     """
     state = AccountantState.coerce(accountant_state)
     plan = plan_example_level(dp_cfg, train_cfg, num_examples=len(examples), num_rounds=num_rounds, state=state)
@@ -280,7 +282,8 @@ def train_local_dp(
     start = time.perf_counter()
     model.train()
     try:
-        with GradSampleCollector(model, "norms" if dp_cfg.ghost_clipping else "grads") as collector:
+        with activation_checkpointing(model, train_cfg.gradient_checkpointing), \
+                GradSampleCollector(model, "norms" if dp_cfg.ghost_clipping else "grads") as collector:
             for step in range(plan.local_steps):
                 lr = train_cfg.lr * lr_multiplier(offset + step, total, train_cfg.warmup_steps, train_cfg.lr_schedule)
                 for group in optimizer.param_groups:

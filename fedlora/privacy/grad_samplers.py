@@ -104,13 +104,41 @@ TapFn = Callable[[str, nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], Non
 """(adapter name, adapter, x̃ (B, T, d_in), x (B, T, d_in), g (B, T, d_out)), all fp32."""
 
 
+class _Tap(torch.autograd.Function):
+    """Identity on an adapter's output y whose backward hands (x̃, x, ∂L/∂y) to a callback.
+
+    x̃ and x go through ``save_for_backward``, so under activation checkpointing they are dropped
+    after the forward and recomputed inside the backward like every other saved activation (a
+    closure holding them would keep them alive and undo the memory saving). The recomputed
+    forward builds a second ``_Tap`` node that is never backpropagated: each call's callback runs
+    exactly once, from the original graph, with the recomputed (bit-identical, same dropout mask)
+    inputs.
+    """
+
+    @staticmethod
+    def forward(ctx, output, x_tilde, x, callback):  # noqa: ANN001, ANN205
+        ctx.callback = callback
+        ctx.save_for_backward(x_tilde, x)
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        x_tilde, x = ctx.saved_tensors
+        ctx.callback(x_tilde, x, grad)
+        return grad, None, None, None
+
+
 class AdapterTaps:
     """While active, every backward through an adapter of ``model`` calls ``on_grad`` once per
     forward call of that adapter, with the inputs that call saw and the gradient of its output.
 
     Only forward calls made with grad enabled (and an output that requires grad) are tapped, so
-    evaluation inside the context costs nothing; ``enabled = False`` mutes the taps (forward and
-    backward). Hooks are removed on exit.
+    evaluation inside the context costs nothing; ``enabled = False`` mutes the callbacks (the
+    forward still routes the output through the tap, so that a checkpointed region recomputes the
+    same saved tensors whatever ``enabled`` was). Works with activation checkpointing
+    (non-reentrant, as :func:`fedlora.training.local.activation_checkpointing` sets it): the forward
+    hooks fire again in the recompute, but only the original forward's tap is backpropagated.
+    Hooks are removed on exit.
     """
 
     def __init__(self, model: nn.Module, on_grad: TapFn) -> None:
@@ -143,14 +171,14 @@ class AdapterTaps:
         # Runs inside the adapter's forward, just before its own forward hook consumes it.
         self._dropped[id(adapter)] = output.detach()
 
-    def _record_call(self, name: str, module: nn.Module, inputs, output: torch.Tensor) -> None:
+    def _record_call(self, name: str, module: nn.Module, inputs, output: torch.Tensor):
         dropped = self._dropped.pop(id(module), None)
-        if not (self.enabled and torch.is_grad_enabled() and output.requires_grad):
-            return
+        if not (torch.is_grad_enabled() and output.requires_grad):
+            return None
         x = inputs[0].detach()
         # Without a Dropout module (or on a fused base, which requires none) the factors see x.
         x_tilde = dropped if dropped is not None else x
-        output.register_hook(partial(self._on_output_grad, name, module, x_tilde, x))
+        return _Tap.apply(output, x_tilde, x, partial(self._on_output_grad, name, module))
 
     def _on_output_grad(self, name, module, x_tilde, x, grad) -> None:
         if not self.enabled:  # e.g. the second backward of ghost clipping reuses the same graph

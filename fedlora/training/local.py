@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,42 @@ def move(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torc
     return {k: v.to(device) for k, v in batch.items()}
 
 
+@contextmanager
+def activation_checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Within the block, recompute each decoder layer's activations in the backward instead of
+    keeping them (``train.gradient_checkpointing``); the model's previous setting is restored on exit.
+
+    Uses transformers' own switch (non-reentrant ``torch.utils.checkpoint``, which needs no input
+    that requires grad, so gradients reach the adapters over a frozen base) and acts only in
+    ``train()`` mode: evaluation is unchanged. The recompute replays the saved RNG state, so
+    dropout masks, and hence gradients, are the same as without it. Raises ``ValueError`` when the
+    model cannot checkpoint (not a transformers model, or ``supports_gradient_checkpointing`` False).
+    """
+    if not enabled:
+        yield
+        return
+    enable = getattr(model, "activation_checkpointing_enable", None) or getattr(model, "gradient_checkpointing_enable", None)
+    if enable is None or not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(model).__name__} does not support activation checkpointing; "
+                         "set train.gradient_checkpointing=false")  # fmt: skip
+    was_on = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    had_input_hook = hasattr(model, "_require_grads_hook")
+    if not was_on:
+        kwargs = {"use_reentrant": False}
+        if enable.__name__ == "activation_checkpointing_enable":
+            enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            enable(gradient_checkpointing_kwargs=kwargs)
+    try:
+        yield
+    finally:
+        if not was_on:
+            disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+            disable()
+            if not had_input_hook and hasattr(model, "_require_grads_hook"):
+                model.disable_input_require_grads()  # the embedding hook transformers added on enable
+
+
 def train_local(
     model: nn.Module,
     examples: Sequence[dict[str, list[int]]],
@@ -66,7 +103,9 @@ def train_local(
     """Run ``cfg.local_steps`` optimiser steps on ``examples`` (round ``round_index``, 1-based).
 
     ``on_step(step, loss)`` is called after every optimiser step (1-based) with that step's mean
-    token loss, e.g. to show progress.
+    token loss, e.g. to show progress. With ``cfg.gradient_checkpointing`` the decoder layers'
+    activations are recomputed in the backward (:func:`activation_checkpointing`): same result,
+    less memory, about one more forward of compute.
     """
     if not examples:
         raise ValueError("this client has no training examples; check the partitioning")
@@ -82,26 +121,27 @@ def train_local(
     loss_sum, tokens, seen = 0.0, 0, 0
     start = time.perf_counter()
     model.train()
-    for step in range(cfg.local_steps):
-        lr = cfg.lr * lr_multiplier(offset + step, total, cfg.warmup_steps, cfg.lr_schedule)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
-        step_loss, step_tokens = 0.0, 0
-        for _ in range(cfg.grad_accum):
-            micro = next(batches)
-            summed, n = response_loss(model, move(collate(micro, pad_id), device))
-            (summed / max(n, 1) / cfg.grad_accum).backward()
-            step_loss += float(summed.detach())
-            step_tokens += n
-            seen += len(micro)
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        loss_sum += step_loss
-        tokens += step_tokens
-        if on_step is not None:
-            on_step(step + 1, step_loss / max(step_tokens, 1))
+    with activation_checkpointing(model, cfg.gradient_checkpointing):
+        for step in range(cfg.local_steps):
+            lr = cfg.lr * lr_multiplier(offset + step, total, cfg.warmup_steps, cfg.lr_schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            step_loss, step_tokens = 0.0, 0
+            for _ in range(cfg.grad_accum):
+                micro = next(batches)
+                summed, n = response_loss(model, move(collate(micro, pad_id), device))
+                (summed / max(n, 1) / cfg.grad_accum).backward()
+                step_loss += float(summed.detach())
+                step_tokens += n
+                seen += len(micro)
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            loss_sum += step_loss
+            tokens += step_tokens
+            if on_step is not None:
+                on_step(step + 1, step_loss / max(step_tokens, 1))
     model.eval()
     return TrainResult(
         loss=loss_sum / max(tokens, 1),
