@@ -80,7 +80,8 @@ DISCOVERY_WINDOW = 16  # queries in flight; the simulation engine's delivery pas
 def discover(grid: Grid, strategy: LoraStrategy, needed: int, known: list[NodeInfo] | None = None,
              timeout: float = 300.0, *, partition_stats: dict | None = None,
              warnings: list[str] | None = None) -> list[NodeInfo]:
-    """The connected nodes, waiting for at least ``needed``; nodes not ``known`` yet are asked for
+    """The connected nodes, waiting for at least ``needed`` (before round 1 also until their number
+    settles, :func:`_settled_node_ids`); nodes not ``known`` yet are asked for
     their partition, rank and data size and checked together with the known ones
     (:func:`fedlora.node_check.admit_nodes`; ``partition_stats``, the run's partitioning, adds the
     data-size check). Nodes that left are dropped, nodes that joined and pass are added.
@@ -93,6 +94,8 @@ def discover(grid: Grid, strategy: LoraStrategy, needed: int, known: list[NodeIn
         if time.time() > deadline:
             raise RuntimeError(f"only {len(node_ids)} client nodes connected after {timeout:.0f} s; {needed} needed")
         time.sleep(1.0)
+    if known is None:
+        node_ids = _settled_node_ids(grid, node_ids, expected=strategy.cfg.num_clients, deadline=deadline)  # one node per partition
     known_ids = {n.node_id: n for n in known or []}
     nodes = [known_ids[i] for i in node_ids if i in known_ids]
     node_ids = [i for i in node_ids if i not in known_ids]
@@ -116,6 +119,26 @@ def discover(grid: Grid, strategy: LoraStrategy, needed: int, known: list[NodeIn
         warnings.extend(found + notes)
     check_ranks(strategy.method, [n.rank for n in nodes])
     return nodes
+
+
+NODES_SETTLE_SECONDS = 2.0
+"""Before round 1, how long the count of connected nodes must stay the same before discovery asks
+them, unless every partition's node is already there."""
+
+
+def _settled_node_ids(grid: Grid, node_ids: list[int], expected: int, deadline: float) -> list[int]:
+    """The connected nodes once their number has stopped growing: the simulation engine registers
+    its nodes while the ServerApp starts (1,000 of them take a moment), and SuperNodes started
+    together connect within seconds of each other. Returns at once when ``expected`` nodes are
+    there; otherwise when the count has not changed for :data:`NODES_SETTLE_SECONDS` (later
+    joiners are found before later rounds)."""
+    stable_since = time.time()
+    while len(node_ids) < expected and time.time() - stable_since < NODES_SETTLE_SECONDS and time.time() < deadline:
+        time.sleep(0.25)
+        now = list(grid.get_node_ids())
+        if len(now) != len(node_ids):
+            node_ids, stable_since = now, time.time()
+    return node_ids
 
 
 @dataclass(frozen=True)
