@@ -27,6 +27,7 @@ import csv
 import os
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -112,11 +113,13 @@ class Run:
         """Greedy next-token accuracy on the held-out response tokens after the last round."""
         return self.summary.get("final_eval_token_accuracy")
 
-    @property
+    @cached_property
     def completion(self) -> dict[str, Any]:
         """Completed / skipped rounds, rejected replies and caveats (:func:`fedlora.rundir.writer.completion`),
-        recomputed from ``metrics.jsonl`` so that runs written before the summary held them are judged too."""
-        return completion(self.rows, self.summary.get("planned_rounds") or self.config.get("num_rounds"))
+        counted from ``metrics.jsonl`` so that runs written before the summary held them are judged too;
+        the summary's caveats where it has them (they also name data rows ``dataset.bad_rows=skip`` left out)."""
+        done = completion(self.rows, self.summary.get("planned_rounds") or self.config.get("num_rounds"))
+        return done | {"caveats": list(self.summary.get("caveats", done["caveats"]))}
 
     @property
     def final_eval_round(self) -> int | None:

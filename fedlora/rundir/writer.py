@@ -269,20 +269,19 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 def write_report(run_dir: Path, config: dict[str, Any], partitions: str, rows: list[dict[str, Any]],
                  summary: dict[str, Any], run_manifest: dict[str, Any]) -> Path:
     """``report.md``: what ran, on which data split, what happened each round, how to reproduce it.
-    ``partitions`` is the partition table as printed at the start of the run."""
-    done = completion(rows, summary.get("planned_rounds"))
-    final_round = summary.get("final_eval_round")
+    ``partitions`` is the partition table as printed at the start of the run; ``summary`` is what
+    :meth:`RunWriter.write_summary` wrote (its completion counts and caveats head the report)."""
+    planned, final_round = summary["planned_rounds"], summary.get("final_eval_round")
     parts = [
         f"# fedlora run `{run_dir.name}`",
         f"Strategy **{summary.get('strategy')}** on **{summary.get('model')}** / **{summary.get('dataset')}**, "
-        f"{done['completed_rounds']} of {done['planned_rounds']} rounds completed; "
+        f"{summary['completed_rounds']} of {planned} rounds completed; "
         f"eval loss {summary.get('initial_eval_loss'):.4f} → {summary.get('final_eval_loss'):.4f}"
-        f"{f' (after round {final_round})' if final_round != done['planned_rounds'] else ''}; "
+        f"{f' (after round {final_round})' if final_round != planned else ''}; "
         f"{human_bytes(summary.get('total_bytes_up', 0))} up, {human_bytes(summary.get('total_bytes_down', 0))} down.",
     ]
-    caveats = summary.get("caveats", done["caveats"])
-    if caveats:
-        parts.append("> **Not a clean run**: " + "; ".join(caveats) + ".")
+    if summary["caveats"]:
+        parts.append("> **Not a clean run**: " + "; ".join(summary["caveats"]) + ".")
     parts += [
         "## Rounds", markdown_table(rows), f"![loss per round]({LOSS_PLOT_FILE})",
         "## Partitions", "```", partitions, "```",
